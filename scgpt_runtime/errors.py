@@ -1,0 +1,38 @@
+"""Errors the runtime raises for bad input; the CLI turns each into a one-line message and exit code.
+
+Exit codes (documented in README.md):
+  0 success, 1 internal error (a bug: please report), 2 usage error (bad flags),
+  3 input file error, 4 gene match error, 5 model bundle error, 6 output error.
+"""
+
+from __future__ import annotations
+
+
+class ScgptError(Exception):
+    """Base of every error that is the user's input, not a bug. The message is one line."""
+
+    exit_code = 1
+
+
+class InputError(ScgptError):
+    """A data file is missing, unreadable, of an unknown format, or holds invalid values."""
+
+    exit_code = 3
+
+
+class GeneMatchError(ScgptError):
+    """Too few genes of a data file match the model vocabulary."""
+
+    exit_code = 4
+
+
+class BundleError(ScgptError):
+    """A model bundle is missing, damaged, or of an unsupported format version."""
+
+    exit_code = 5
+
+
+class OutputError(ScgptError):
+    """An output path exists (without --overwrite), or cannot be written."""
+
+    exit_code = 6

@@ -1,0 +1,72 @@
+"""Readers for single-cell count files: .h5ad (anndata 0.6 to 0.12) and 10x Genomics HDF5."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+
+from ..errors import InputError
+from .base import CountMatrix
+
+__all__ = ["CountMatrix", "open_counts"]
+
+
+def open_counts(
+    path: str | Path,
+    *,
+    layer: str | None = None,
+    use_raw: bool = True,
+    genome: str | None = None,
+) -> CountMatrix:
+    """Open a .h5ad or 10x .h5 file for streaming its counts.
+
+    Counts come from `raw/X` when present, else `X`; `layer` names a layer instead and
+    `use_raw=False` skips raw. `genome` picks one genome group of a multi-genome 10x v2 file.
+    """
+    path = Path(path)
+    h5 = _open_hdf5(path)
+    try:
+        if _is_10x(h5):
+            if layer is not None:
+                raise InputError(f"{path}: is a 10x file, which has no layers (drop --layer)")
+            from .tenx import TenxMatrix
+
+            return TenxMatrix(path, h5, genome=genome)
+        if _is_h5ad(h5):
+            if genome is not None:
+                raise InputError(f"{path}: is an h5ad file; --genome applies to 10x files only")
+            from .h5ad import H5adMatrix
+
+            return H5adMatrix(path, h5, layer=layer, use_raw=use_raw)
+        raise InputError(
+            f"{path}: is HDF5 but neither an h5ad (anndata) nor a 10x Genomics matrix file"
+        )
+    except BaseException:
+        h5.close()
+        raise
+
+
+def _open_hdf5(path: Path) -> h5py.File:
+    if not path.exists():
+        raise InputError(f"{path}: no such file")
+    if path.is_dir():
+        raise InputError(f"{path}: is a directory, not a .h5ad or 10x .h5 file")
+    try:
+        return h5py.File(path, "r")
+    except OSError as e:
+        if not h5py.is_hdf5(path):
+            raise InputError(f"{path}: is not an HDF5 file (expected .h5ad or 10x .h5)") from e
+        raise InputError(f"{path}: is damaged or truncated HDF5 ({e})") from e
+
+
+def _is_10x(h5: h5py.File) -> bool:
+    if "matrix" in h5 and isinstance(h5["matrix"], h5py.Group):
+        return True
+    # CellRanger v2: one group per genome, each with barcodes and a matrix in CSC parts.
+    groups = [g for g in h5.values() if isinstance(g, h5py.Group)]
+    return bool(groups) and all("indptr" in g or "barcodes" in g for g in groups) and "X" not in h5
+
+
+def _is_h5ad(h5: h5py.File) -> bool:
+    return h5.attrs.get("encoding-type") == "anndata" or "obs" in h5 or "X" in h5

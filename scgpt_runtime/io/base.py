@@ -1,0 +1,70 @@
+"""What every reader returns: a counts matrix streamed in row blocks, with its gene and cell tables."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from ..csr import CsrBlock
+from ..errors import InputError
+
+
+class CountMatrix:
+    """A cells x genes matrix of one file, read in row blocks so memory is bounded by the block.
+
+    Subclasses set the attributes below in `__init__` and implement `_blocks`.
+    """
+
+    format: str  # "h5ad", "10x-v3" or "10x-v2"
+    matrix: str  # which matrix: "raw/X", "X", "layers/counts", "matrix", "GRCh38", ...
+    n_cells: int
+    n_genes: int
+    var: dict[str, np.ndarray]  # gene identifier columns (str arrays); the var index as "index"
+    obs_names: np.ndarray  # (n_cells,) str: cell barcodes
+
+    def __init__(self, path: Path, h5: h5py.File):
+        self.path = path
+        self.h5 = h5
+
+    @property
+    def obs_columns(self) -> list[str]:
+        """Names of the per-cell annotation columns (empty for 10x files)."""
+        return []
+
+    def read_obs(self, name: str) -> np.ndarray:
+        """One obs column: numbers as numbers, strings and categories as str objects, missing as None."""
+        raise InputError(f"{self.path}: has no obs column {name!r} (available: none)")
+
+    def _blocks(self, block_size: int, start: int, stop: int) -> Iterator[CsrBlock]:
+        raise NotImplementedError
+
+    def iter_blocks(
+        self, block_size: int = 2048, start: int = 0, stop: int | None = None
+    ) -> Iterator[CsrBlock]:
+        """Rows [start, stop) in blocks of at most `block_size` rows, float32 values, checked."""
+        stop = self.n_cells if stop is None else min(stop, self.n_cells)
+        try:
+            for block in self._blocks(block_size, start, stop):
+                _check_values(block, self.path, self.matrix)
+                yield block
+        except (OSError, KeyError, ValueError) as e:  # h5py's words for a damaged file
+            raise InputError(f"{self.path}: cannot read {self.matrix}: {e}") from e
+
+    def close(self) -> None:
+        self.h5.close()
+
+    def __enter__(self) -> CountMatrix:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _check_values(block: CsrBlock, path: Path, matrix: str) -> None:
+    if block.nnz and not np.isfinite(block.data).all():
+        raise InputError(f"{path}: {matrix} holds NaN or infinite values")
+    if block.nnz and block.data.min() < 0:
+        raise InputError(f"{path}: {matrix} holds negative values; counts must be >= 0")
