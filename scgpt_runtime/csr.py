@@ -36,7 +36,8 @@ class CsrBlock:
         rows, cols = np.nonzero(x)
         indptr = np.zeros(x.shape[0] + 1, dtype=np.int64)
         np.cumsum(np.bincount(rows, minlength=x.shape[0]), out=indptr[1:])
-        return cls(x[rows, cols].astype(np.float32), cols.astype(np.int64), indptr, x.shape[1], start)
+        data = x[rows, cols].astype(np.float32)
+        return cls(data, cols.astype(np.int64), indptr, x.shape[1], start)
 
     def to_dense(self) -> np.ndarray:
         out = np.zeros((self.n_rows, self.n_cols), dtype=np.float32)

@@ -1,4 +1,4 @@
-"""Errors the runtime raises for bad input; the CLI turns each into a one-line message and exit code.
+"""Errors for bad input; the CLI turns each into a one-line message and an exit code.
 
 Exit codes (documented in README.md):
   0 success, 1 internal error (a bug: please report), 2 usage error (bad flags),

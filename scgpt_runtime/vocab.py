@@ -28,7 +28,7 @@ class Vocab:
 
     @classmethod
     def from_genes(cls, genes: Iterable[str]) -> Vocab:
-        """A new vocabulary: the genes in the given order, then <pad>, <cls>, <eoc> (official order)."""
+        """The genes in the given order, then <pad>, <cls>, <eoc> (the official order)."""
         genes = [g for g in dict.fromkeys(str(g) for g in genes) if g not in SPECIALS]
         return cls([*genes, *SPECIALS])
 

@@ -1,4 +1,4 @@
-"""What every reader returns: a counts matrix streamed in row blocks, with its gene and cell tables."""
+"""What every reader returns: a counts matrix streamed in row blocks, with gene and cell tables."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ class CountMatrix:
         return []
 
     def read_obs(self, name: str) -> np.ndarray:
-        """One obs column: numbers as numbers, strings and categories as str objects, missing as None."""
+        """One obs column: numbers as numbers, strings and categories as str, missing as None."""
         raise InputError(f"{self.path}: has no obs column {name!r} (available: none)")
 
     def _blocks(self, block_size: int, start: int, stop: int) -> Iterator[CsrBlock]:

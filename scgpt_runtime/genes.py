@@ -1,0 +1,116 @@
+"""Matching a file's genes to the model vocabulary."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import GeneMatchError
+from .vocab import Vocab
+
+# Identifier columns, most preferred first: CELLxGENE's feature_name is what the official
+# vocabulary was built from; symbols before Ensembl ids; the var index last but one.
+GENE_COLUMNS = (
+    "feature_name",
+    "gene_symbols",
+    "gene_symbol",
+    "gene_name",
+    "gene_names",
+    "symbol",
+    "name",
+    "index",
+    "gene_ids",
+    "gene_id",
+    "feature_id",
+    "ensembl_id",
+    "id",
+)
+_ENSEMBL_VERSION = re.compile(r"^(ENS[A-Z]*[GT]\d{6,})\.\d+$")
+
+
+@dataclass(frozen=True)
+class GeneMatch:
+    """Which file gene feeds which vocabulary token."""
+
+    column: str  # the var column whose names were matched
+    column_ids: np.ndarray  # (n_genes,) int64 vocabulary id per file gene, -1 = not used
+    n_total: int
+    n_duplicates: int  # genes dropped because an earlier gene already took their token
+    unmatched_examples: list[str]
+
+    @property
+    def n_matched(self) -> int:
+        return int((self.column_ids >= 0).sum())
+
+    @property
+    def fraction(self) -> float:
+        return self.n_matched / self.n_total if self.n_total else 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "gene_column": self.column,
+            "n_genes": self.n_total,
+            "n_matched": self.n_matched,
+            "fraction_matched": round(self.fraction, 4),
+            "n_duplicates": self.n_duplicates,
+            "unmatched_examples": self.unmatched_examples,
+        }
+
+
+def strip_versions(names: np.ndarray) -> np.ndarray:
+    """Ensembl ids without their version suffix (ENSG00000141510.17 -> ENSG00000141510)."""
+    return np.array([_ENSEMBL_VERSION.sub(r"\1", str(n)) for n in names], dtype=object)
+
+
+def default_gene_column(var: dict[str, np.ndarray]) -> str:
+    """The identifier column used when no vocabulary decides: the first preferred one present."""
+    for name in GENE_COLUMNS:
+        if name in var:
+            return name
+    return next(iter(var))
+
+
+def match_genes(
+    var: dict[str, np.ndarray],
+    vocab: Vocab,
+    *,
+    gene_column: str | None = None,
+    min_fraction: float = 0.5,
+    source: str = "input",
+) -> GeneMatch:
+    """Match genes to `vocab` on `gene_column`, or on the identifier column that matches most.
+
+    Matching is exact and case-sensitive after stripping Ensembl version suffixes. Where two
+    genes map to one token the first (lowest column index) keeps it. Raises GeneMatchError when
+    fewer than `min_fraction` of the genes match.
+    """
+    if gene_column is not None and gene_column not in var:
+        raise GeneMatchError(
+            f"{source}: has no gene column {gene_column!r} (available: {', '.join(var)})"
+        )
+    candidates = [gene_column] if gene_column else _candidates(var)
+    scored = [(c, vocab.lookup(strip_versions(var[c]))) for c in candidates]
+    column, ids = max(scored, key=lambda s: int((s[1] >= 0).sum()))  # first wins ties
+    n_total = len(ids)
+    ids = ids.copy()
+    matched = np.flatnonzero(ids >= 0)
+    _, first = np.unique(ids[matched], return_index=True)
+    duplicate = np.ones(len(matched), dtype=bool)
+    duplicate[first] = False
+    ids[matched[duplicate]] = -1
+    unmatched = [str(n) for n in var[column][ids < 0][:5]]
+    match = GeneMatch(column, ids, n_total, int(duplicate.sum()), unmatched)
+    if n_total == 0 or match.fraction < min_fraction:
+        raise GeneMatchError(
+            f"{source}: only {match.n_matched} of {n_total} genes ({match.fraction:.0%}) match "
+            f"the model vocabulary (column {column}, unmatched examples: {', '.join(unmatched)}); "
+            f"pass --gene-column (available: {', '.join(var)}) or lower --min-gene-fraction"
+        )
+    return match
+
+
+def _candidates(var: dict[str, np.ndarray]) -> list[str]:
+    preferred = [c for c in GENE_COLUMNS if c in var]
+    return preferred + [c for c in var if c not in preferred]
