@@ -27,24 +27,32 @@ def open_counts(
     path = Path(path)
     h5 = _open_hdf5(path)
     try:
-        if _is_10x(h5):
-            if layer is not None:
-                raise InputError(f"{path}: is a 10x file, which has no layers (drop --layer)")
-            from .tenx import TenxMatrix
-
-            return TenxMatrix(path, h5, genome=genome)
-        if _is_h5ad(h5):
-            if genome is not None:
-                raise InputError(f"{path}: is an h5ad file; --genome applies to 10x files only")
-            from .h5ad import H5adMatrix
-
-            return H5adMatrix(path, h5, layer=layer, use_raw=use_raw)
-        raise InputError(
-            f"{path}: is HDF5 but neither an h5ad (anndata) nor a 10x Genomics matrix file"
-        )
+        counts = _reader(path, h5, layer, use_raw, genome)
     except BaseException:
         h5.close()
         raise
+    if counts.n_cells == 0:
+        counts.close()
+        raise InputError(f"{path}: {counts.matrix} holds no cells")
+    return counts
+
+
+def _reader(
+    path: Path, h5: h5py.File, layer: str | None, use_raw: bool, genome: str | None
+) -> CountMatrix:
+    if _is_10x(h5):
+        if layer is not None:
+            raise InputError(f"{path}: is a 10x file, which has no layers (drop --layer)")
+        from .tenx import TenxMatrix
+
+        return TenxMatrix(path, h5, genome=genome)
+    if _is_h5ad(h5):
+        if genome is not None:
+            raise InputError(f"{path}: is an h5ad file; --genome applies to 10x files only")
+        from .h5ad import H5adMatrix
+
+        return H5adMatrix(path, h5, layer=layer, use_raw=use_raw)
+    raise InputError(f"{path}: is HDF5 but neither an h5ad (anndata) nor a 10x matrix file")
 
 
 def _open_hdf5(path: Path) -> h5py.File:
