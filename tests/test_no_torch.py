@@ -12,7 +12,8 @@ import scgpt_runtime, scgpt_runtime.cli, scgpt_runtime.io, scgpt_runtime.tokens
 from click.testing import CliRunner
 result = CliRunner().invoke(scgpt_runtime.cli.cli, ["inspect", "--help"])
 assert result.exit_code == 0, result.output
-loaded = sorted(m for m in sys.modules if m.split(".")[0] in {"torch", "scipy", "pandas", "anndata"})
+heavy = {"torch", "scipy", "pandas", "anndata"}
+loaded = sorted(m for m in sys.modules if m.split(".")[0] in heavy)
 assert not loaded, loaded
 print("ok")
 """
