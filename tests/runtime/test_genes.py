@@ -67,7 +67,9 @@ def test_too_few_matches_is_an_error_naming_column_and_examples():
 
 
 def test_unknown_gene_column_lists_the_available_ones():
-    with pytest.raises(GeneMatchError, match=r"no gene column 'symbol' \(available: index, gene_ids"):
+    with pytest.raises(
+        GeneMatchError, match=r"no gene column 'symbol' \(available: index, gene_ids"
+    ):
         match_genes(_var(index=["CD3E"], gene_ids=["E1"]), VOCAB, gene_column="symbol")
 
 
