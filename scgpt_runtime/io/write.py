@@ -1,0 +1,334 @@
+"""Writing results into .h5ad files that anndata reads: obs columns, obsm arrays and uns entries.
+
+Every write goes to a temporary file beside the destination, then `os.replace`, so an interrupted
+run never leaves a half-written file, even when writing in place. Encodings follow anndata's
+on-disk spec (https://anndata.readthedocs.io/en/latest/fileformat-prose.html): dataframe 0.2.0
+files get `categorical` groups; the older dataframe 0.1.0 files (anndata 0.7) get codes with a
+`categories` reference into `obs/__categories`, as anndata 0.7 wrote them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from ..errors import InputError, OutputError
+
+__all__ = ["add_to_h5ad", "atomic_path", "write_new_h5ad"]
+
+_STR = h5py.string_dtype()  # variable-length UTF-8, what anndata writes for strings
+
+
+def add_to_h5ad(
+    src: Path,
+    dst: Path | None = None,
+    *,
+    obs: Mapping[str, np.ndarray] | None = None,
+    obsm: Mapping[str, np.ndarray] | None = None,
+    uns: Mapping[str, object] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Copy `src` to `dst` (None: in place) with obs columns, obsm arrays and uns entries added.
+
+    String columns become categoricals (None or NaN: missing), numbers stay arrays; an existing
+    column, obsm or uns entry of the same name is replaced. Returns the path written.
+    """
+    src = Path(src)
+    dst = src if dst is None else Path(dst)
+    obs, obsm, uns = dict(obs or {}), dict(obsm or {}), dict(uns or {})
+    _check_target(dst, src, overwrite)
+    dataframe_version, n_obs, index_key = _obs_layout(src)
+    _check_sizes(n_obs, obs, obsm)
+    _check_obs_names(dst, obs, index_key)
+    with atomic_path(dst, copy_of=src) as tmp, h5py.File(tmp, "r+") as h5:
+        for name, values in obs.items():
+            _set_obs_column(h5["obs"], name, values, dataframe_version)
+        _write_entries(_dict_group(h5, "obsm"), obsm)
+        _write_entries(_dict_group(h5, "uns"), uns)
+    return dst
+
+
+def write_new_h5ad(
+    dst: Path,
+    *,
+    obs_names: np.ndarray,
+    var_names: np.ndarray | None = None,
+    obs: Mapping[str, np.ndarray] | None = None,
+    obsm: Mapping[str, np.ndarray] | None = None,
+    uns: Mapping[str, object] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """A new .h5ad without X (results for a 10x input): obs, var names, obsm and uns only."""
+    dst = Path(dst)
+    obs, obsm, uns = dict(obs or {}), dict(obsm or {}), dict(uns or {})
+    var_names = np.array([], dtype=str) if var_names is None else var_names
+    _check_target(dst, None, overwrite)
+    _check_sizes(len(obs_names), obs, obsm)
+    _check_obs_names(dst, obs, "_index")
+    with atomic_path(dst) as tmp, h5py.File(tmp, "w") as h5:
+        _set_encoding(h5, "anndata", "0.1.0")
+        _write_dataframe(h5, "obs", obs_names)
+        for name, values in obs.items():
+            _set_obs_column(h5["obs"], name, values, "0.2.0")
+        _write_dataframe(h5, "var", var_names)
+        for key in ("obsm", "uns", "layers", "obsp", "varm", "varp"):
+            _write_dict(h5, key, {})
+        _write_entries(h5["obsm"], obsm)
+        _write_entries(h5["uns"], uns)
+    return dst
+
+
+# Destination checks and the atomic write
+
+
+def _check_target(dst: Path, src: Path | None, overwrite: bool) -> None:
+    if src is not None and not src.is_file():
+        raise InputError(f"{src}: no such file")
+    if dst.is_dir():
+        raise OutputError(f"{dst}: is a directory; give a file name for the output")
+    if not dst.parent.is_dir():
+        raise OutputError(f"{dst}: folder {dst.parent} does not exist")
+    in_place = src is not None and dst.exists() and dst.samefile(src)
+    if dst.exists() and not in_place and not overwrite:
+        raise OutputError(f"{dst}: exists; pass --overwrite")
+    if dst.exists() and not os.access(dst, os.W_OK):
+        # The folder may allow the rename, but a read-only file says "do not change me".
+        raise OutputError(f"{dst}: is read-only; write the results to another file")
+
+
+@contextlib.contextmanager
+def atomic_path(dst: Path, copy_of: Path | None = None) -> Iterator[Path]:
+    """A temporary file beside `dst` (a copy of `copy_of`) that replaces `dst` only on success."""
+    try:
+        fd, name = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
+    except OSError as e:
+        raise OutputError(f"{dst}: cannot write in {dst.parent} ({e.strerror})") from e
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        mode = _mode_for(dst)
+        if copy_of is not None:
+            shutil.copyfile(copy_of, tmp)
+        yield tmp
+        tmp.chmod(mode)
+        _fsync(tmp)
+        tmp.replace(dst)  # os.replace: atomic on POSIX and Windows
+    except OSError as e:
+        raise OutputError(f"{dst}: cannot write ({e})") from e
+    finally:
+        tmp.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # the rename's durability; not every filesystem allows it
+        _fsync(dst.parent)
+
+
+def _mode_for(dst: Path) -> int:
+    """The permissions `dst` has, or those a new file gets (mkstemp's are owner-only)."""
+    if dst.exists():
+        return dst.stat().st_mode & 0o7777
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# What the source file looks like
+
+
+def _obs_layout(src: Path) -> tuple[str, int, str]:
+    """(dataframe encoding version, n_obs, index key) of the obs dataframe of `src`."""
+    try:
+        h5 = h5py.File(src, "r")
+    except OSError as e:
+        raise InputError(f"{src}: cannot open as HDF5 ({e})") from e
+    with h5:
+        obs = h5.get("obs")
+        if isinstance(obs, h5py.Dataset):
+            raise OutputError(
+                f"{src}: is a legacy anndata 0.6 file (obs is a compound dataset), which cannot be "
+                "extended in place; write the results to a .csv output instead"
+            )
+        if not isinstance(obs, h5py.Group):
+            raise OutputError(f"{src}: has no obs dataframe to add columns to")
+        version = _attr(obs, "encoding-version")
+        index_key = _attr(obs, "_index")
+        if _attr(obs, "encoding-type") != "dataframe" or version not in ("0.1.0", "0.2.0"):
+            raise OutputError(
+                f"{src}: obs has an unknown encoding ({_attr(obs, 'encoding-type')} {version}); "
+                "write the results to a .csv output instead"
+            )
+        if not index_key or index_key not in obs:
+            raise OutputError(f"{src}: obs has no index dataset {index_key!r}")
+        return version, len(obs[index_key]), index_key
+
+
+def _attr(obj: h5py.HLObject, key: str) -> str:
+    value = obj.attrs.get(key, "")
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _check_sizes(n_obs: int, obs: dict[str, np.ndarray], obsm: dict[str, np.ndarray]) -> None:
+    """Wrong lengths are a bug of the caller, not the user's input."""
+    for name, values in obs.items():
+        if np.ndim(values) != 1 or len(values) != n_obs:
+            raise ValueError(f"obs column {name!r} has shape {np.shape(values)}, not ({n_obs},)")
+    for key, values in obsm.items():
+        if np.ndim(values) != 2 or len(values) != n_obs:
+            raise ValueError(f"obsm {key!r} has shape {np.shape(values)}, not ({n_obs}, k)")
+
+
+def _check_obs_names(dst: Path, obs: dict[str, np.ndarray], index_key: str) -> None:
+    for name in obs:
+        if not name or "/" in name or name in (index_key, "__categories"):
+            raise OutputError(f"{dst}: {name!r} cannot be an obs column name here; choose another")
+
+
+# obs columns
+
+
+def _set_obs_column(obs: h5py.Group, name: str, values: np.ndarray, version: str) -> None:
+    """Write or replace one column; a new name goes last in column-order."""
+    if name in obs:
+        del obs[name]
+    if version == "0.1.0" and name in obs.get("__categories", {}):
+        del obs["__categories"][name]
+    values = np.asarray(values)
+    if values.dtype.kind in "USO":
+        codes, categories = _categorize(values)
+        if version == "0.2.0":
+            _write_categorical(obs, name, codes, categories)
+        else:
+            _write_categorical_0_1_0(obs, name, codes, categories)
+    elif values.dtype.kind in "biuf":
+        _write_array(obs, name, values)
+    else:
+        raise TypeError(f"obs column {name!r}: cannot write dtype {values.dtype}")
+    order = _column_order(obs)
+    if name not in order:
+        obs.attrs.create("column-order", [*order, name], dtype=_STR)
+
+
+def _column_order(obs: h5py.Group) -> list[str]:
+    order = obs.attrs.get("column-order", [])
+    return [c.decode() if isinstance(c, bytes) else str(c) for c in np.atleast_1d(order)]
+
+
+def _categorize(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(codes, sorted categories) of strings; None and NaN get code -1, as in pandas."""
+    if values.dtype.kind == "S":
+        values = np.char.decode(values, "utf-8")
+    missing = np.zeros(len(values), dtype=bool)
+    if values.dtype.kind == "O":
+        missing = np.equal(values, None) | (values != values)  # None, and NaN != NaN
+    categories, inverse = np.unique(values[~missing].astype(str), return_inverse=True)
+    widths = (np.int8, np.int16, np.int32, np.int64)
+    dtype = next(t for t in widths if len(categories) < np.iinfo(t).max)  # as pandas picks
+    codes = np.full(len(values), -1, dtype=dtype)
+    codes[~missing] = inverse.ravel()
+    return codes, categories
+
+
+# Element writers, one per anndata encoding
+
+
+def _set_encoding(obj: h5py.HLObject, encoding: str, version: str) -> None:
+    obj.attrs["encoding-type"] = encoding
+    obj.attrs["encoding-version"] = version
+
+
+def _write_array(group: h5py.Group, key: str, values: np.ndarray) -> None:
+    group.create_dataset(key, data=values)
+    _set_encoding(group[key], "array", "0.2.0")
+
+
+def _write_string_array(group: h5py.Group, key: str, values: np.ndarray) -> None:
+    group.create_dataset(key, data=np.asarray(values).astype(str).astype(object), dtype=_STR)
+    _set_encoding(group[key], "string-array", "0.2.0")
+
+
+def _write_categorical(
+    group: h5py.Group, key: str, codes: np.ndarray, categories: np.ndarray
+) -> None:
+    cat = group.create_group(key)
+    _set_encoding(cat, "categorical", "0.2.0")
+    cat.attrs["ordered"] = np.bool_(False)
+    _write_array(cat, "codes", codes)
+    _write_string_array(cat, "categories", categories)
+
+
+def _write_categorical_0_1_0(
+    group: h5py.Group, key: str, codes: np.ndarray, categories: np.ndarray
+) -> None:
+    """anndata 0.7's layout: codes in the column, categories in obs/__categories, by reference."""
+    store = group.require_group("__categories")
+    store.create_dataset(key, data=categories.astype(object), dtype=_STR)
+    store[key].attrs["ordered"] = np.bool_(False)
+    group.create_dataset(key, data=codes)
+    group[key].attrs.create("categories", store[key].ref, dtype=h5py.ref_dtype)
+
+
+def _write_scalar(group: h5py.Group, key: str, value: str | bool | int | float) -> None:
+    if isinstance(value, str):
+        group.create_dataset(key, data=value, dtype=_STR)
+        _set_encoding(group[key], "string", "0.2.0")
+    else:
+        group.create_dataset(key, data=np.asarray(value))
+        _set_encoding(group[key], "numeric-scalar", "0.2.0")
+
+
+def _write_dict(group: h5py.Group, key: str, mapping: Mapping[str, object]) -> None:
+    sub = group.create_group(key)
+    _set_encoding(sub, "dict", "0.1.0")
+    _write_entries(sub, mapping)
+
+
+def _write_dataframe(group: h5py.Group, key: str, index: np.ndarray) -> None:
+    """A dataframe with only its index; columns are added with `_set_obs_column`."""
+    df = group.create_group(key)
+    _set_encoding(df, "dataframe", "0.2.0")
+    df.attrs["_index"] = "_index"
+    df.attrs["column-order"] = np.array([], dtype=np.float64)  # what anndata writes for none
+    _write_string_array(df, "_index", index)
+
+
+def _write_entries(group: h5py.Group, mapping: Mapping[str, object]) -> None:
+    """uns and obsm values by type; an existing entry of the same key is replaced."""
+    for key, value in mapping.items():
+        if not isinstance(key, str) or not key or "/" in key:
+            raise ValueError(f"{group.name}: {key!r} cannot be a key")
+        if key in group:
+            del group[key]
+        if isinstance(value, Mapping):
+            _write_dict(group, key, value)
+        elif isinstance(value, str | bool | int | float | np.generic):
+            _write_scalar(group, key, value.item() if isinstance(value, np.generic) else value)
+        elif isinstance(value, list | tuple | np.ndarray):
+            array = np.asarray(value)
+            if array.dtype.kind in "USO":
+                _write_string_array(group, key, array)
+            elif array.dtype.kind in "biuf":
+                _write_array(group, key, array)
+            else:
+                raise TypeError(f"{group.name}/{key}: cannot write dtype {array.dtype}")
+        else:
+            raise TypeError(f"{group.name}/{key}: cannot write {type(value).__name__}")
+
+
+def _dict_group(h5: h5py.File, key: str) -> h5py.Group:
+    """The file's obsm or uns group, created with anndata's dict encoding where absent."""
+    if key not in h5:
+        _write_dict(h5, key, {})
+    return h5[key]
