@@ -46,7 +46,9 @@ class _Group(click.Group):
 def cli(verbose: bool, quiet: bool) -> None:
     """Annotate and embed single cells with scGPT, on GPU when there is one."""
     level = logging.DEBUG if verbose else logging.ERROR if quiet else logging.INFO
-    logging.basicConfig(level=level, format="%(levelname)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=level, format="%(levelname)s: %(message)s", stream=sys.stderr, force=True
+    )
 
 
 def input_options(f: Callable) -> Callable:

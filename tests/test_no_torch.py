@@ -13,7 +13,7 @@ from click.testing import CliRunner
 result = CliRunner().invoke(scgpt_runtime.cli.cli, ["inspect", "--help"])
 assert result.exit_code == 0, result.output
 heavy = {"torch", "scipy", "pandas", "anndata"}
-loaded = sorted(m for m in sys.modules if m.split(".")[0] in heavy)
+loaded = sorted(m for m, mod in sys.modules.items() if mod and m.split(".")[0] in heavy)
 assert not loaded, loaded
 print("ok")
 """

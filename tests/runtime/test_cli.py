@@ -46,7 +46,7 @@ def test_inspect_json_has_exactly_the_documented_keys(counts_file):
     report = json.loads(result.stdout)
     assert list(report) == KEYS
     assert report == {
-        "format": "h5ad", "matrix": "X", "n_cells": 4, "n_genes": 3, "nnz": 7,
+        "format": "h5ad", "matrix": "X", "n_cells": 4, "n_genes": 3, "nnz": 6,
         "total_counts": 13, "integer_counts": True, "gene_column": "index",
         "obs_columns": ["cell_type"],
     }  # fmt: skip
