@@ -26,7 +26,7 @@ Exit codes:
   6  output error (exists without --overwrite, not writable)"""
 
 
-class _Group(click.Group):
+class ScgptGroup(click.Group):
     """Turns every ScgptError into one line on stderr and its exit code: no tracebacks."""
 
     def invoke(self, ctx: click.Context):
@@ -37,18 +37,23 @@ class _Group(click.Group):
             ctx.exit(e.exit_code)
 
 
+def configure_logging(verbose: bool, quiet: bool) -> None:
+    """Logs to stderr: info by default, debug with -v, errors only with -q."""
+    level = logging.DEBUG if verbose else logging.ERROR if quiet else logging.INFO
+    logging.basicConfig(
+        level=level, format="%(levelname)s: %(message)s", stream=sys.stderr, force=True
+    )
+
+
 @click.group(
-    cls=_Group, context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_CODES
+    cls=ScgptGroup, context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_CODES
 )
 @click.version_option(package_name="scgpt-deploy")
 @click.option("-v", "--verbose", is_flag=True, help="Log debug messages to stderr.")
 @click.option("-q", "--quiet", is_flag=True, help="Log errors only.")
 def cli(verbose: bool, quiet: bool) -> None:
     """Annotate and embed single cells with scGPT, on GPU when there is one."""
-    level = logging.DEBUG if verbose else logging.ERROR if quiet else logging.INFO
-    logging.basicConfig(
-        level=level, format="%(levelname)s: %(message)s", stream=sys.stderr, force=True
-    )
+    configure_logging(verbose, quiet)
 
 
 def input_options(f: Callable) -> Callable:

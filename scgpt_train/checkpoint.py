@@ -1,0 +1,199 @@
+"""Run directories: the trained model with everything needed to use it, and resumable state.
+
+RUN/
+  config.json          model, tokenization, labels, training config, provenance (format_version)
+  vocab.json           {gene: id}, the official layout
+  model.safetensors    weights (never pickle)
+  metrics.jsonl        one JSON object per logged step
+  checkpoints/step-NNNNNNNN/{model,optimizer,rng}.safetensors + state.json, and `latest`
+
+Every file is written to a temporary name and renamed into place; a checkpoint directory is
+complete before `latest` points at it, so an interrupted run resumes from the last whole one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from scgpt_runtime.errors import InputError
+from scgpt_runtime.io.write import atomic_path
+from scgpt_runtime.tokens import TokenConfig
+from scgpt_runtime.vocab import Vocab
+
+from .model import ModelConfig, ScGPT
+
+RUN_FORMAT_VERSION = 1
+KEEP_CHECKPOINTS = 2  # older step directories are deleted once a newer one is complete
+
+
+@dataclass
+class RunInfo:
+    """What a run directory says about its model, besides the weights."""
+
+    model: ModelConfig
+    tokens: TokenConfig
+    vocab: Vocab
+    labels: list[str] | None = None  # cell-type names, in classifier output order
+    batches: list[str] | None = None  # batch names, in batch-label order
+    train: dict[str, Any] = field(default_factory=dict)  # the resolved training config
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format_version": RUN_FORMAT_VERSION,
+            "model": self.model.to_dict(),
+            "tokens": self.tokens.to_dict(),
+            "labels": self.labels,
+            "batches": self.batches,
+            "train": self.train,
+            "provenance": self.provenance,
+        }
+
+
+def save_run(run_dir: str | Path, model: ScGPT, info: RunInfo) -> Path:
+    """Write config.json, vocab.json and model.safetensors into `run_dir`."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(run_dir / "config.json", info.to_dict())
+    with atomic_path(run_dir / "vocab.json") as tmp:
+        info.vocab.to_json(tmp)
+    _save_tensors(run_dir / "model.safetensors", model.state_dict())
+    return run_dir
+
+
+def load_run(run_dir: str | Path, map_location: str = "cpu") -> tuple[ScGPT, RunInfo]:
+    """The model (in eval mode) and its RunInfo; a clear InputError for anything missing."""
+    run_dir = Path(run_dir)
+    config = read_json(run_dir / "config.json", what="run directory")
+    version = config.get("format_version")
+    if version != RUN_FORMAT_VERSION:
+        raise InputError(
+            f"{run_dir}: run format version {version} is not supported "
+            f"(this version reads {RUN_FORMAT_VERSION})"
+        )
+    try:
+        info = RunInfo(
+            model=ModelConfig.from_dict(config["model"]),
+            tokens=TokenConfig.from_dict(config["tokens"]),
+            vocab=Vocab.from_json(run_dir / "vocab.json"),
+            labels=config.get("labels"),
+            batches=config.get("batches"),
+            train=config.get("train", {}),
+            provenance=config.get("provenance", {}),
+        )
+    except (KeyError, ValueError, TypeError) as e:
+        raise InputError(f"{run_dir / 'config.json'}: invalid run config ({e})") from e
+    if len(info.vocab) != info.model.vocab_size:
+        raise InputError(
+            f"{run_dir}: vocab.json has {len(info.vocab)} tokens but the model "
+            f"{info.model.vocab_size}"
+        )
+    model = ScGPT(info.model)
+    model.load_state_dict(_load_tensors(run_dir / "model.safetensors", map_location))
+    return model.eval(), info
+
+
+def save_checkpoint(
+    run_dir: Path, step: int, model: ScGPT, optimizer: torch.optim.Optimizer, state: dict
+) -> Path:
+    """A complete resumable checkpoint at `step`; `state` is JSON (data position, metrics)."""
+    root = run_dir / "checkpoints"
+    final = root / f"step-{step:08d}"
+    tmp = root / f".step-{step:08d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(_contiguous(model.state_dict()), tmp / "model.safetensors")
+    tensors, meta = _flatten_optimizer(optimizer.state_dict())
+    save_file(tensors, tmp / "optimizer.safetensors")
+    save_file({"torch": torch.get_rng_state()}, tmp / "rng.safetensors")
+    write_json(tmp / "state.json", {"step": step, "optimizer": meta, **state})
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    with atomic_path(root / "latest") as t:
+        t.write_text(final.name)
+    for old in sorted(root.glob("step-*"))[:-KEEP_CHECKPOINTS]:
+        shutil.rmtree(old)
+    return final
+
+
+def load_checkpoint(
+    run_dir: Path, model: ScGPT, optimizer: torch.optim.Optimizer
+) -> dict[str, Any] | None:
+    """Restore the latest checkpoint into `model` and `optimizer`; its state, or None if none."""
+    latest = run_dir / "checkpoints" / "latest"
+    if not latest.exists():
+        return None
+    ckpt = run_dir / "checkpoints" / latest.read_text().strip()
+    state = read_json(ckpt / "state.json", what="checkpoint")
+    model.load_state_dict(_load_tensors(ckpt / "model.safetensors"))
+    tensors = _load_tensors(ckpt / "optimizer.safetensors")
+    optimizer.load_state_dict(_unflatten_optimizer(tensors, state.pop("optimizer")))
+    torch.set_rng_state(_load_tensors(ckpt / "rng.safetensors")["torch"])
+    return state
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_json(path: Path, obj: Any) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def read_json(path: Path, what: str) -> dict[str, Any]:
+    if not path.exists():
+        raise InputError(f"{path.parent}: not a {what} ({path.name} is missing)")
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:
+        raise InputError(f"{path}: not valid JSON ({e})") from e
+
+
+def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous() for k, v in tensors.items()}
+
+
+def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    with atomic_path(path) as tmp:
+        save_file(_contiguous(tensors), tmp)
+
+
+def _load_tensors(path: Path, map_location: str = "cpu") -> dict[str, torch.Tensor]:
+    try:
+        return load_file(path, device=map_location)
+    except (OSError, SafetensorError) as e:
+        raise InputError(f"{path}: not a readable safetensors file ({e})") from e
+
+
+def _flatten_optimizer(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Optimizer state as flat tensors plus JSON, so no pickle is needed."""
+    tensors, scalars = {}, {}
+    for idx, param_state in sd["state"].items():
+        for key, value in param_state.items():
+            if torch.is_tensor(value):
+                tensors[f"{idx}.{key}"] = value.contiguous()
+            else:
+                scalars[f"{idx}.{key}"] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in [*tensors.items(), *meta["scalars"].items()]:
+        idx, key = name.split(".", 1)
+        state.setdefault(int(idx), {})[key] = value
+    return {"state": state, "param_groups": meta["param_groups"]}

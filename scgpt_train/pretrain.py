@@ -1,0 +1,341 @@
+"""Generative pretraining (`scgpt-train pretrain`): GEP + GEPC on generated tokens.
+
+Each step splits every cell's genes at random into observed tokens (gene + value, <cls> first)
+and generated tokens (gene + flag, no value) with a fraction drawn per step from
+`gen_fractions`; the model predicts the generated tokens' binned values from its expression
+decoder (GEP) and from the cell embedding (GEPC). Optionally a share of the observed values is
+masked and predicted as well (masked-value objective, `mlm_weight`). All randomness of a step is
+seeded by (seed, step, rank), so a resumed run repeats an uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from scgpt_runtime.tokens import TokenBlock, TokenConfig
+from scgpt_runtime.vocab import Vocab
+
+from . import distributed
+from .checkpoint import RunInfo, load_checkpoint, save_checkpoint, save_run, write_json
+from .data import CellStream, Position, build_vocab, open_sources, take, validation_cells
+from .model import ModelConfig, ScGPT
+
+log = logging.getLogger(__name__)
+
+MASK_VALUE = -1.0  # the official mask_value for masked observed values
+
+
+@dataclass
+class PretrainConfig:
+    data: list[str]
+    out: str
+    preset: str = "small"
+    model: dict[str, Any] = field(default_factory=dict)  # overrides of the preset's fields
+    tokens: dict[str, Any] = field(default_factory=dict)  # overrides of the TokenConfig
+    vocab: str | None = None  # a vocab.json; default: every gene name of the data
+    gene_column: str | None = None
+    max_steps: int = 1000
+    batch_size: int = 32  # cells per step over all ranks (x grad_accum per optimizer step)
+    grad_accum: int = 1
+    lr: float = 1e-4
+    warmup_steps: int = 100
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    seed: int = 0
+    gen_fractions: tuple[float, ...] = (0.25, 0.5, 0.75)  # the official choices
+    mlm_weight: float = 0.0  # weight of the masked-value objective on observed tokens (0 = off)
+    mask_ratio: float = 0.4
+    val_fraction: float = 0.05
+    val_cells: int = 1000
+    eval_every: int = 100
+    checkpoint_every: int = 200
+    log_every: int = 10
+    device: str = "auto"
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.data:
+            raise ValueError("give at least one data file")
+        if self.batch_size < 1 or self.grad_accum < 1 or self.max_steps < 1:
+            raise ValueError("batch size, grad accumulation and steps must be at least 1")
+        if not all(0 < f < 1 for f in self.gen_fractions):
+            raise ValueError("gen fractions must lie in (0, 1)")
+
+
+def lr_at(step: int, cfg: PretrainConfig) -> float:
+    """Linear warm-up, then cosine decay to 0 at max_steps (as the official pretraining)."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def step_seed(*parts: int) -> int:
+    """A 63-bit seed from (seed, step, ...): each step's randomness, independent of history."""
+    return int(
+        np.random.SeedSequence([p & 0xFFFF_FFFF for p in parts]).generate_state(2, np.uint64)[0]
+        >> np.uint64(1)
+    )
+
+
+def split_generative(
+    tokens: TokenBlock, gen_fraction: float, keys: torch.Tensor, pad_id: int, pad_value: float
+) -> dict[str, torch.Tensor]:
+    """Split each cell's genes into observed and generated tokens.
+
+    keys (B, >= L) uniform in [0, 1): a cell's `floor(n * gen_fraction)` genes of smallest key
+    are generated. Both streams keep the genes' order; pads go last.
+    """
+    gene_ids = torch.from_numpy(tokens.gene_ids)  # (B, L)
+    values = torch.from_numpy(tokens.values)  # (B, L)
+    pad = torch.from_numpy(tokens.padding_mask)  # (B, L)
+    n = torch.from_numpy(tokens.n_genes)  # (B,)
+    B, L = gene_ids.shape
+    k = keys[:B, :L].clone()
+    k[:, 0] = -1.0  # <cls> is always observed
+    k[pad] = 2.0
+    rank = k.argsort(dim=1).argsort(dim=1)  # (B, L): 0 for <cls>, 1.. for genes by key
+    n_gen = (n.to(torch.float64) * gen_fraction).floor().to(torch.int64)  # (B,)
+    is_gen = (rank >= 1) & (rank <= n_gen[:, None]) & ~pad
+    # Stable sort by stream: observed, then generated, then pads; order inside kept.
+    stream = torch.where(pad, 2, is_gen.to(torch.int64))
+    order = stream.argsort(dim=1, stable=True)
+    gene_ids, values = gene_ids.gather(1, order), values.gather(1, order)
+    n_obs = 1 + n - n_gen  # (B,) <cls> included
+    Lp, Lg = int(n_obs.max()), max(int(n_gen.max()), 1)
+    pos = torch.arange(L)
+    pcpt_pad = pos[:Lp][None] >= n_obs[:, None]
+    gen_idx = (n_obs[:, None] + torch.arange(Lg)[None]).clamp(max=L - 1)  # (B, Lg)
+    gen_pad = torch.arange(Lg)[None] >= n_gen[:, None]
+    return {
+        "pcpt_gene": gene_ids[:, :Lp].masked_fill(pcpt_pad, pad_id),
+        "pcpt_values": values[:, :Lp].masked_fill(pcpt_pad, pad_value),
+        "pcpt_pad": pcpt_pad,
+        "gen_gene": gene_ids.gather(1, gen_idx).masked_fill(gen_pad, pad_id),
+        "gen_values": values.gather(1, gen_idx).masked_fill(gen_pad, 0.0),
+        "gen_pad": gen_pad,
+    }
+
+
+def mask_observed(batch: dict[str, torch.Tensor], ratio: float, keys: torch.Tensor) -> torch.Tensor:
+    """Replace `ratio` of the observed gene values with MASK_VALUE; returns the masked positions."""
+    pad = batch["pcpt_pad"]
+    masked = (keys[: pad.shape[0], : pad.shape[1]] < ratio) & ~pad
+    masked[:, 0] = False  # never the <cls>
+    batch["pcpt_target"] = batch["pcpt_values"].clone()
+    batch["pcpt_values"] = batch["pcpt_values"].masked_fill(masked, MASK_VALUE)
+    return masked
+
+
+def losses(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], masked: torch.Tensor | None,
+    norm: dict[str, torch.Tensor],
+) -> dict[str, torch.Tensor]:  # fmt: skip
+    """Sums of squared errors divided by `norm` (token counts over all ranks / world)."""
+    out = model(
+        batch["pcpt_gene"], batch["pcpt_values"], batch["pcpt_pad"], batch["gen_gene"],
+        batch["gen_pad"],
+    )  # fmt: skip
+    gen = (~batch["gen_pad"]).to(out["gen_pred"].dtype)
+    target = batch["gen_values"]
+    res = {
+        "gen_mse": (((out["gen_pred"] - target) ** 2) * gen).sum() / norm["gen"],
+        "mvc_mse": (((out["mvc_gen_pred"] - target) ** 2) * gen).sum() / norm["gen"],
+    }
+    if masked is not None:
+        m = masked.to(out["pcpt_pred"].dtype)
+        res["mlm_mse"] = (((out["pcpt_pred"] - batch["pcpt_target"]) ** 2) * m).sum() / norm["mlm"]
+    return res
+
+
+class _Generative(torch.nn.Module):
+    """forward = ScGPT.forward_generative, so DistributedDataParallel wraps the right call."""
+
+    def __init__(self, model: ScGPT):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.model.forward_generative(*args)
+
+
+def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
+    """Train (or resume) a model on `cfg.data`; returns the last metrics (also in RUN)."""
+    d = distributed.setup(cfg.device)
+    out = Path(cfg.out)
+    paths = [Path(p) for p in cfg.data]
+    vocab = Vocab.from_json(cfg.vocab) if cfg.vocab else build_vocab(paths, cfg.gene_column)
+    model_cfg = ModelConfig.from_name(
+        cfg.preset, vocab_size=len(vocab), pad_id=vocab.pad_id, **cfg.model
+    )
+    defaults = {"max_seq_len": model_cfg.max_seq_len, "n_bins": model_cfg.n_bins}
+    tok_cfg = TokenConfig(**{**defaults, "selection": "sample", "seed": cfg.seed, **cfg.tokens})
+    sources = open_sources(paths, vocab, cfg.gene_column)
+    stream = CellStream(
+        sources, vocab, tok_cfg, batch_size=cfg.batch_size, seed=cfg.seed,
+        val_fraction=cfg.val_fraction,
+    )  # fmt: skip
+    val = validation_cells(sources, vocab, tok_cfg, cfg.seed, cfg.val_fraction, cfg.val_cells)
+
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    model = ScGPT(model_cfg).to(d.device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    step, position = 0, Position()
+    if cfg.resume:
+        state = load_checkpoint(out, model, optimizer)
+        if state is None:
+            raise ValueError(f"--resume: {out} holds no checkpoint")
+        step, position = state["step"], Position(**state["position"])
+        log.info("resuming %s at step %d", out, step)
+    info = RunInfo(model_cfg, tok_cfg, vocab, train=asdict(cfg), provenance=provenance(paths))
+    if d.main:
+        save_run(out, model, info)
+    net = DistributedDataParallel(_Generative(model)) if d.world > 1 else _Generative(model)
+
+    batches = stream.batches(position, d.rank, d.world)
+    metrics = (out / "metrics.jsonl").open("a") if d.main else None
+    meter = _Meter()
+    last: dict[str, Any] = {}
+    model.train()
+    while step < cfg.max_steps:
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        totals: dict[str, float] = {}
+        for micro in range(cfg.grad_accum):
+            tokens, position = next(batches)
+            parts, n_tokens = _micro_step(net, tokens, cfg, tok_cfg, vocab, d, step, micro)
+            for k, v in parts.items():
+                totals[k] = totals.get(k, 0.0) + v
+            meter.add(tokens.n_cells * d.world, n_tokens * d.world)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        last = {"step": step, **{k: round(v, 6) for k, v in totals.items()},
+                "lr": lr_at(step - 1, cfg), "grad_norm": round(float(grad_norm), 4),
+                **meter.rates()}  # fmt: skip
+        if val is not None and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+            last["val_loss"] = round(evaluate(model, val, cfg.seed, vocab, tok_cfg, d), 6)
+        if metrics and (step % cfg.log_every == 0 or "val_loss" in last or step == cfg.max_steps):
+            metrics.write(json.dumps(last) + "\n")
+            metrics.flush()
+            log.info("step %d/%d %s", step, cfg.max_steps, _brief(last))
+        if d.main and (step % cfg.checkpoint_every == 0 or step == cfg.max_steps):
+            save_checkpoint(out, step, model, optimizer, {"position": asdict(position)})
+    if metrics:
+        metrics.close()
+        save_run(out, model, info)
+        write_json(out / "summary.json", last)
+    distributed.teardown(d)
+    return last
+
+
+def _micro_step(
+    net: torch.nn.Module, tokens: TokenBlock, cfg: PretrainConfig, tok_cfg: TokenConfig,
+    vocab: Vocab, d: distributed.Dist, step: int, micro: int,
+) -> tuple[dict[str, float], int]:  # fmt: skip
+    """Forward and backward of one micro-batch; returns the global mean losses and token count.
+
+    Random draws are made for the whole global batch and sliced, so every rank's cells are split
+    as they would be in a single process."""
+    gen = torch.Generator().manual_seed(step_seed(cfg.seed, step, micro))
+    torch.manual_seed(step_seed(cfg.seed, step, micro, d.rank + 1))  # dropout
+    fraction = cfg.gen_fractions[int(torch.randint(len(cfg.gen_fractions), (1,), generator=gen))]
+    keys = torch.rand(2, cfg.batch_size, tok_cfg.max_seq_len, generator=gen)
+    lo = d.rank * (cfg.batch_size // d.world)
+    batch = split_generative(tokens, fraction, keys[0, lo:], vocab.pad_id, tok_cfg.pad_value)
+    masked = mask_observed(batch, cfg.mask_ratio, keys[1, lo:]) if cfg.mlm_weight else None
+    batch = {k: v.to(d.device) for k, v in batch.items()}
+    masked = None if masked is None else masked.to(d.device)
+    norm = _norms(batch, masked, d, cfg.grad_accum)
+    with torch.autocast("cuda", torch.bfloat16, enabled=d.device.type == "cuda"):
+        parts = losses(net, batch, masked, norm)
+        loss = parts["gen_mse"] + parts["mvc_mse"] + cfg.mlm_weight * parts.get("mlm_mse", 0.0)
+    loss.backward()
+    # Each rank's parts are its share of the global mean (see _norms): sum over ranks / world.
+    means = {
+        k: float(d.all_sum(v.detach().float()) / d.world)
+        for k, v in {"loss": loss, **parts}.items()
+    }
+    n_tokens = int((~batch["pcpt_pad"]).sum() + (~batch["gen_pad"]).sum())
+    return means, n_tokens
+
+
+class _Meter:
+    """Cells/s and tokens/s since the start of this process."""
+
+    def __init__(self) -> None:
+        self.t0, self.cells, self.tokens = time.perf_counter(), 0, 0
+
+    def add(self, cells: int, tokens: int) -> None:
+        self.cells += cells
+        self.tokens += tokens
+
+    def rates(self) -> dict[str, float]:
+        elapsed = time.perf_counter() - self.t0
+        return {"cells_per_s": round(self.cells / elapsed, 1),
+                "tokens_per_s": round(self.tokens / elapsed, 1)}  # fmt: skip
+
+
+def _brief(m: dict[str, Any]) -> str:
+    val = f" val {m['val_loss']:.4f}" if "val_loss" in m else ""
+    return f"loss {m['loss']:.4f}{val} lr {m['lr']:.2e} {m['cells_per_s']:.0f} cells/s"
+
+
+def _norms(
+    batch: dict[str, torch.Tensor], masked: torch.Tensor | None, d: distributed.Dist,
+    grad_accum: int,
+) -> dict[str, torch.Tensor]:  # fmt: skip
+    """Token counts over all ranks / world x grad_accum. DDP averages gradients over ranks, so
+    dividing each rank's sum by this makes the update that of the mean over every token."""
+    zero = torch.zeros((), device=d.device)
+    counts = torch.stack(
+        [(~batch["gen_pad"]).sum().float(), masked.sum().float() if masked is not None else zero]
+    )
+    counts = d.all_sum(counts).clamp(min=1.0) / d.world * grad_accum
+    return {"gen": counts[0], "mlm": counts[1]}
+
+
+@torch.no_grad()
+def evaluate(
+    model: ScGPT, val: TokenBlock, seed: int, vocab: Vocab, tok_cfg: TokenConfig,
+    d: distributed.Dist,
+) -> float:  # fmt: skip
+    """Generative loss (GEP + GEPC) on the held-out cells at gen fraction 0.5, fixed split."""
+    model.eval()
+    gen = torch.Generator().manual_seed(step_seed(seed, 0xFFFF_FFFF))
+    keys = torch.rand(val.n_cells, tok_cfg.max_seq_len, generator=gen)
+    total, count = 0.0, 0.0
+    for lo in range(0, val.n_cells, 64):
+        rows = np.arange(lo, min(lo + 64, val.n_cells))
+        block = take(val, rows, trim=True)
+        batch = split_generative(block, 0.5, keys[rows], vocab.pad_id, tok_cfg.pad_value)
+        batch = {k: v.to(d.device) for k, v in batch.items()}
+        n = (~batch["gen_pad"]).sum()
+        parts = losses(_Generative(model), batch, None, {"gen": torch.tensor(1.0, device=d.device)})
+        total += float(parts["gen_mse"] + parts["mvc_mse"])
+        count += float(n)
+    model.train()
+    return total / max(count, 1.0)
+
+
+def provenance(paths: list[Path]) -> dict[str, Any]:
+    """What the run was trained on and with: files, command line, code version, time."""
+    return {
+        "data": [{"file": str(p), "bytes": p.stat().st_size} for p in paths],
+        "command": " ".join(sys.argv),
+        "code_version": version("scgpt-deploy"),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
