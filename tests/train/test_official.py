@@ -16,9 +16,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from click.testing import CliRunner
 
 from scgpt_runtime.errors import InputError
 from scgpt_runtime.vocab import Vocab
+from scgpt_train.checkpoint import load_run
+from scgpt_train.cli import cli
 from scgpt_train.model import ScGPT
 from scgpt_train.official import (
     config_from_args,
@@ -412,3 +415,41 @@ def test_unreadable_or_non_state_dict_files(tmp_path):
         read_checkpoint(nested)
     with pytest.raises(InputError, match=r"no best_model\.pt"):
         load_official_folder(tmp_path)
+
+
+def test_import_scgpt_command_writes_a_run_that_reproduces_the_reference(tmp_path):
+    folder = write_folder(tmp_path / "official", VARIANTS["module"](official_state()))
+    result = CliRunner().invoke(
+        cli, ["import-scgpt", str(folder), "--out", str(tmp_path / "run"), "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["dropped"] == {}
+    assert report["missing"] == []
+    model, info = load_run(tmp_path / "run")
+    assert info.tokens.cls_value == -2.0  # recorded for the official embedding pipeline
+    assert info.provenance["import_report"] == report
+    assert len(info.provenance["checkpoint_sha256"]) == 64
+    gene_ids, values, pad = make_batch()
+    ref = ref_layers(as_float64(official_state()), *ref_embed_allowed(gene_ids, values, pad))
+    with torch.no_grad():
+        emb = model.cell_embedding(gene_ids, values, pad)
+    torch.testing.assert_close(emb.double(), ref[:, 0], rtol=0, atol=1e-5)
+
+
+def ref_embed_allowed(gene_ids, values, pad):
+    x, _ = ref_embed(as_float64(official_state()), gene_ids, values)
+    return x, (~pad)[:, None, :].expand(-1, pad.shape[1], -1)
+
+
+def test_import_scgpt_command_bad_folder_is_one_line(tmp_path):
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "args.json").write_text(json.dumps(ARGS))
+    result = CliRunner().invoke(
+        cli, ["import-scgpt", str(tmp_path / "half"), "--out", str(tmp_path / "r")]
+    )
+    assert result.exit_code == 3
+    assert result.stderr.strip().splitlines() == [
+        f"Error: {tmp_path / 'half'}: no best_model.pt; an official scGPT model folder holds "
+        "best_model.pt, args.json and vocab.json"
+    ]
