@@ -61,7 +61,10 @@ class GeneMatch:
 
 def strip_versions(names: np.ndarray) -> np.ndarray:
     """Ensembl ids without their version suffix (ENSG00000141510.17 -> ENSG00000141510)."""
-    return np.array([_ENSEMBL_VERSION.sub(r"\1", str(n)) for n in names], dtype=object)
+    out = np.array([str(n) for n in names], dtype=object)
+    for i in [i for i, n in enumerate(out) if n.startswith("ENS") and "." in n]:
+        out[i] = _ENSEMBL_VERSION.sub(r"\1", out[i])
+    return out
 
 
 def default_gene_column(var: dict[str, np.ndarray]) -> str:
@@ -112,5 +115,9 @@ def match_genes(
 
 
 def _candidates(var: dict[str, np.ndarray]) -> list[str]:
+    """Identifier columns: the preferred names, then any column of mostly distinct values
+    (which leaves out feature_type, genome and other annotations)."""
     preferred = [c for c in GENE_COLUMNS if c in var]
-    return preferred + [c for c in var if c not in preferred]
+    return preferred + [
+        c for c in var if c not in preferred and len(set(var[c])) > 0.5 * len(var[c])
+    ]
