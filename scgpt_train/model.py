@@ -5,7 +5,9 @@ Parameter names equal those of the official checkpoints (`encoder.embedding.weig
 state dict with a short rename table. Conventions used throughout:
 
 - `padding_mask` (B, L) bool: True marks a pad token. Pads are never attended to.
-- Attention masks given to `F.scaled_dot_product_attention` are bool with True = may attend.
+- Attention masks are built as bool (True = may attend) and given to
+  `F.scaled_dot_product_attention` as an additive float bias (`attn_bias`): its fast CPU
+  kernels take float masks, and a finite bias exports cleanly.
 - Position 0 holds `<cls>` and is never a pad; its output is the cell embedding.
 """
 
@@ -19,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 MAX_VALUE = 512.0  # the official continuous value encoder clamps values at 512 (no lower clamp)
+MASK_BIAS = -1e4  # score bias of keys a query may not see: exp(-1e4) is 0, and fp16 can hold it
 BN_EPS = 6.1e-5  # eps of the official BatchNorm1d on embeddings (old `bn`, and DSBN)
 INPUT_EMBS = ("continuous", "category")
 
@@ -251,6 +254,13 @@ class TransformerEncoder(nn.Module):
         return x
 
 
+def attn_bias(allowed: Tensor, dtype: torch.dtype) -> Tensor:
+    """A bool "may attend" mask as the additive bias SDPA adds to the scores: 0 or MASK_BIAS."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+        ~allowed, MASK_BIAS
+    )
+
+
 def padding_attn_mask(padding_mask: Tensor) -> Tensor:
     """(B, L) True = pad -> (B, 1, 1, L) True = may attend: every query sees every non-pad key."""
     return ~padding_mask[:, None, None, :]
@@ -398,7 +408,8 @@ class ScGPT(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         gene_embs = self.encoder(gene_ids)  # (B, L, d)
         x = self._normalize_input(gene_embs + self.value_encoder(values), batch_labels)
-        return self.transformer_encoder(x, padding_attn_mask(padding_mask)), gene_embs
+        bias = attn_bias(padding_attn_mask(padding_mask), x.dtype)  # (B, 1, 1, L)
+        return self.transformer_encoder(x, bias), gene_embs
 
     def encode(
         self,
@@ -486,7 +497,8 @@ class ScGPT(nn.Module):
         x = self._normalize_input(torch.cat([x_pcpt, x_gen], dim=1), batch_labels)  # (B, L, d)
         if input_cell_emb is not None:
             x = torch.cat([input_cell_emb[:, None].to(x.dtype), x[:, 1:]], dim=1)
-        out = self.transformer_encoder(x, generative_mask(pcpt_pad, gen_pad))  # (B, L, d)
+        bias = attn_bias(generative_mask(pcpt_pad, gen_pad), x.dtype)  # (B, 1, L, L)
+        out = self.transformer_encoder(x, bias)  # (B, L, d)
         res = self._heads(out, torch.cat([pcpt_embs, gen_embs], dim=1), batch_labels)
         res["pcpt_out"], res["gen_out"] = out[:, :Lp], out[:, Lp:]
         res["pcpt_pred"], res["gen_pred"] = res["mlm_output"][:, :Lp], res["mlm_output"][:, Lp:]
