@@ -68,17 +68,20 @@ def input_options(f: Callable) -> Callable:
 
 
 @contextmanager
-def progress_bar(label: str) -> Iterator[Callable[[int, int], None] | None]:
-    """A progress callback `(n, total)` drawing a bar on stderr if it is a terminal, else None."""
+def progress_bar(label: str) -> Iterator[Callable[..., None] | None]:
+    """A callback `(n, total, status="")` drawing a bar on stderr if it is a terminal, else None.
+
+    `status` (a loss, a rate) is shown after the label."""
     if not sys.stderr.isatty():
         yield None
         return
-    bars = []
+    bars: list = []
 
-    def update(n: int, total: int) -> None:
+    def update(n: int, total: int, status: str = "") -> None:
         if not bars:
             bars.append(click.progressbar(length=total, label=label, file=sys.stderr))
             bars[0].__enter__()
+        bars[0].label = f"{label} {status}".strip()
         bars[0].update(n)
 
     try:

@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from scgpt_runtime.cli import EXIT_CODES, ScgptGroup, configure_logging
+from scgpt_runtime.cli import EXIT_CODES, ScgptGroup, configure_logging, progress_bar
 from scgpt_runtime.errors import InputError
 
 from .model import PRESETS
@@ -145,7 +145,8 @@ def pretrain(ctx: click.Context, data: tuple[str, ...], config_file: str | None,
     cfg = merged_config(
         PretrainConfig, ctx, load_config_file(config_file), data=expand_data(data), **options
     )
-    result = run_pretrain(cfg)
+    with progress_bar("Pretraining") as progress:
+        result = run_pretrain(cfg, progress)
     if as_json:
         click.echo(json.dumps(result))
 

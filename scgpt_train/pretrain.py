@@ -15,6 +15,7 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import version
 from pathlib import Path
@@ -171,8 +172,11 @@ class _Generative(torch.nn.Module):
         return self.model.forward_generative(*args)
 
 
-def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
-    """Train (or resume) a model on `cfg.data`; returns the last metrics (also in RUN)."""
+def pretrain(cfg: PretrainConfig, progress: Callable[..., None] | None = None) -> dict[str, Any]:
+    """Train (or resume) a model on `cfg.data`; returns the last metrics (also in RUN).
+
+    `progress(steps, total, status)` is called after every step on the main process; without
+    it, progress goes to the log every `log_every` steps."""
     d = distributed.setup(cfg.device)
     out = Path(cfg.out)
     paths = [Path(p) for p in cfg.data]
@@ -231,13 +235,17 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         if metrics and (step % cfg.log_every == 0 or "val_loss" in last or step == cfg.max_steps):
             metrics.write(json.dumps(last) + "\n")
             metrics.flush()
-            log.info("step %d/%d %s", step, cfg.max_steps, _brief(last))
+            if progress is None:
+                log.info("step %d/%d %s", step, cfg.max_steps, _brief(last))
+        if d.main and progress is not None:
+            progress(1, cfg.max_steps, _brief(last))
         if d.main and (step % cfg.checkpoint_every == 0 or step == cfg.max_steps):
             save_checkpoint(out, step, model, optimizer, {"position": asdict(position)})
     if metrics:
         metrics.close()
         save_run(out, model, info)
         write_json(out / "summary.json", last)
+        log.info("done: %d steps, %s; run in %s", step, _brief(last), out)
     distributed.teardown(d)
     return last
 
