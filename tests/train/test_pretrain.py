@@ -161,3 +161,14 @@ def test_ddp_two_processes_match_one(shared_data, tmp_path):
     # sums over two ranks of float32 partial sums: equal up to float32 rounding
     assert m2[0]["loss"] == pytest.approx(m1[0]["loss"], rel=1e-5)
     assert np.mean([r["loss"] for r in m2[-3:]]) < np.mean([r["loss"] for r in m2[:3]])
+
+
+def test_data_without_usable_genes_is_a_gene_match_error(shared_data, tmp_path):
+    vocab = tmp_path / "vocab.json"
+    vocab.write_text(json.dumps({"CD3E": 0, "LYZ": 1, "<pad>": 2, "<cls>": 3, "<eoc>": 4}))
+    args = ["pretrain", "--data", str(shared_data / MOUSE), "--out", str(tmp_path / "r"),
+            "--vocab", str(vocab), "--max-steps", "1"]  # fmt: skip
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 4
+    (line,) = result.stderr.strip().splitlines()
+    assert f"{shared_data / MOUSE}: only 0 of 3000 genes (0%) match the model vocabulary" in line
