@@ -1,0 +1,18 @@
+"""Export of trained scGPT runs to model bundles that the torch-free runtime serves."""
+
+from .quantize import to_fp16, to_int8
+from .run import export_run
+from .to_onnx import MASK_BIAS, CellEncoder, export_onnx
+from .validate import TOLERANCE, ToleranceError, validate
+
+__all__ = [
+    "MASK_BIAS",
+    "TOLERANCE",
+    "CellEncoder",
+    "ToleranceError",
+    "export_onnx",
+    "export_run",
+    "to_fp16",
+    "to_int8",
+    "validate",
+]

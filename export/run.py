@@ -1,0 +1,192 @@
+"""`export_run`: a training run directory to a validated model bundle."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import replace
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import onnx
+import onnxruntime
+import torch
+
+from scgpt_runtime.bundle import PRECISIONS, Variant, check_target, load_bundle, write_bundle
+from scgpt_runtime.errors import InputError
+from scgpt_train.checkpoint import RunInfo, load_run
+
+from .quantize import to_fp16, to_int8
+from .to_onnx import MASK_BIAS, export_onnx
+from .validate import PROVIDERS, TOLERANCE, make_cells, read_cells, reference, validate
+
+log = logging.getLogger("scgpt_export")
+
+
+def export_run(
+    run: str | Path,
+    out: str | Path,
+    *,
+    max_lens: Sequence[int] | None = None,
+    precisions: Sequence[str] = ("fp32",),
+    validation_data: str | Path | None = None,
+    validation_cells: int = 64,
+    device: str = "cpu",
+    opset: int = 18,
+    fuse_attention: bool = True,
+    batch_size: int = 16,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Export the model of run directory `run` as a bundle directory `out`.
+
+    Args:
+        max_lens: sequence lengths to export graphs for (tokens per cell, <cls> included); the
+            longest becomes the bundle's max_seq_len. None: the run's max_seq_len.
+        precisions: any of "fp32", "fp16", "int8"; one graph per precision and length.
+        validation_data: a count file (.h5ad, 10x .h5) whose first `validation_cells` cells
+            validate every graph. None: the first training data file of the run that still
+            exists; as many synthetic cells only where the run names no training data at all.
+        device: "cpu" or "cuda": where onnxruntime runs the graphs for validation.
+        opset: ONNX opset, 18 to 20. fuse_attention: fuse attention into MultiHeadAttention.
+        batch_size: cells per validation batch. overwrite: replace an existing bundle.
+    Returns a summary: bundle path, per variant its file, bytes, errors and seconds (export of
+    the fp32 graph of its length, conversion to its precision, validation), the validation
+    record, total seconds.
+    Raises ToleranceError (a BundleError) where a graph misses its tolerance, InputError where
+    the run or its validation data cannot be read; nothing is written then.
+    """
+    t_start = time.perf_counter()
+    out = check_target(out, overwrite)
+    unknown = [p for p in precisions if p not in PRECISIONS]
+    if unknown or not precisions:
+        raise ValueError(f"precisions must be among {PRECISIONS}, not {list(precisions)}")
+    if device not in PROVIDERS:
+        raise ValueError(f"device must be one of {sorted(PROVIDERS)}, not {device!r}")
+    model, info = load_run(run)
+    lengths = sorted(set(max_lens or [info.tokens.max_seq_len]))
+    if lengths[0] < 2:
+        raise ValueError(f"sequence lengths must be at least 2 (<cls> and a gene), not {lengths}")
+    tokens = replace(info.tokens, max_seq_len=lengths[-1])
+    if info.model.dsbn:
+        raise InputError(f"{run}: the model uses DSBN, which needs batch labels: not exportable")
+    if info.model.n_cls and not info.labels:
+        raise InputError(f"{run}: the model has a cell-type head but the run names no labels")
+    source = _validation_source(Path(run), info, validation_data)
+    real = None
+    if source is not None:
+        real = read_cells(source, info.vocab, validation_cells, info.train.get("gene_column"))
+    log.info("validating on %s", source or f"{validation_cells} synthetic cells")
+
+    scratch = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".export"))
+    variants, timings, full_length = [], {}, {}
+    try:
+        for length in lengths:
+            cells = make_cells(
+                replace(tokens, max_seq_len=length), info.vocab, real, validation_cells
+            )
+            full_length[str(length)] = cells.full_length
+            expected = reference(model, cells, batch_size)
+            t0 = time.perf_counter()
+            fp32 = export_onnx(model, scratch / f"fp32-{length}.onnx", length, opset=opset,
+                               fuse_attention=fuse_attention)  # fmt: skip
+            export_s = time.perf_counter() - t0
+            for precision in precisions:
+                t0 = time.perf_counter()
+                path = _convert(fp32, precision)
+                t1 = time.perf_counter()
+                errors = validate(path, precision, cells, expected, device=device,
+                                  batch_size=batch_size)  # fmt: skip
+                timings[precision, length] = {
+                    "export": round(export_s, 2),
+                    "convert": round(t1 - t0, 2),
+                    "validate": round(time.perf_counter() - t1, 2),
+                }
+                log.info("%s graph for %d tokens: %s", precision, length, _brief(errors))
+                variants.append(Variant(precision, length, path, errors, TOLERANCE[precision]))
+        validation = {
+            "cells": "real" if source is not None else "synthetic",
+            "file": None if source is None else str(source),
+            "n_cells": validation_cells if real is None else real[0].n_rows,
+            "cls_only_cell": True,
+            "full_length_cell": full_length,  # per graph length: "real" or "synthetic"
+            "batch_size": batch_size,
+            "provider": PROVIDERS[device],
+        }
+        write_bundle(
+            out,
+            model=info.model.to_dict(),
+            tokens=tokens,
+            vocab=info.vocab,
+            variants=variants,
+            labels=info.labels,
+            gene_panel=info.train.get("gene_panel"),
+            validation=validation,
+            provenance={"training": info.provenance, "export": _provenance(run, opset)},
+            overwrite=overwrite,
+        )
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return {
+        "bundle": str(out),
+        "variants": [
+            {
+                "precision": v.precision,
+                "max_seq_len": v.max_seq_len,
+                "file": v.path.name,
+                "bytes": v.path.stat().st_size,
+                "seconds": timings[v.precision, v.max_seq_len],
+                "errors": v.errors,
+            }
+            for v in load_bundle(out, verify=False).variants
+        ],
+        "validation": validation,
+        "seconds": round(time.perf_counter() - t_start, 2),
+    }
+
+
+def _validation_source(run: Path, info: RunInfo, given: str | Path | None) -> Path | None:
+    """The file to take validation cells from; None: synthetic cells (the run names no data)."""
+    if given is not None:
+        if not Path(given).is_file():
+            raise InputError(f"{given}: no such file (--validation-data)")
+        return Path(given)
+    files = [Path(d["file"]) for d in info.provenance.get("data", [])]
+    for file in files:
+        if file.is_file():
+            return file
+    if files:
+        raise InputError(
+            f"{run}: its training data files are gone ({', '.join(map(str, files[:3]))}); "
+            "pass --validation-data FILE with real cells to validate the export on"
+        )
+    return None
+
+
+def _convert(fp32: Path, precision: str) -> Path:
+    if precision == "fp32":
+        return fp32
+    dst = fp32.with_name(fp32.name.replace("fp32", precision))
+    return to_fp16(fp32, dst) if precision == "fp16" else to_int8(fp32, dst)
+
+
+def _brief(errors: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.3g}" for k, v in errors.items())
+
+
+def _provenance(run: str | Path, opset: int) -> dict[str, Any]:
+    return {
+        "run": str(Path(run).resolve()),
+        "command": " ".join(sys.argv),
+        "code_version": version("scgpt-deploy"),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "opset": opset,
+        "mask_bias": MASK_BIAS,
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+    }

@@ -1,0 +1,105 @@
+"""ScGPT to ONNX: the inference module a graph is traced from, and the export call.
+
+A graph takes (gene_ids, values, padding_mask) of a fixed length L with a dynamic batch axis and
+returns the raw <cls> embedding, its L2-normalised form and, where the model has a cell-type
+head, class probabilities (names from scgpt_runtime.bundle). The padding mask becomes an
+additive attention bias inside the graph; attention is then fused into onnxruntime's
+MultiHeadAttention by onnxscript's ORT fusions: the whole-human model at 1200 tokens ran 1.3x
+faster on two CPU cores (batch 4) fused than unfused.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from onnxscript import ir
+from onnxscript.rewriter.ort_fusions import optimize_for_ort
+from torch import Tensor, nn
+
+from scgpt_runtime.bundle import CELL_EMB, CELL_EMB_NORMALIZED, CLASS_PROBS, INPUTS
+from scgpt_train.model import ScGPT
+
+OPSETS = (18, 19, 20)  # onnxruntime runs these on CPU and CUDA
+# Added to the attention scores of pad keys. Finite, so no softmax row can become NaN (<cls> is
+# never a pad, so every row keeps a key); representable in fp16 (-1e9 overflows to -inf there),
+# and exp(-1e4) is 0 in every precision, so a pad gets exactly zero weight.
+MASK_BIAS = -1e4
+
+
+class CellEncoder(nn.Module):
+    """Tokens -> (cell_emb, cell_emb_normalized[, class_probs]): what a bundle graph computes."""
+
+    def __init__(self, model: ScGPT):
+        super().__init__()
+        self.model = model
+
+    def forward(self, gene_ids: Tensor, values: Tensor, padding_mask: Tensor) -> tuple[Tensor, ...]:
+        m = self.model
+        # The model's own input path (gene + value encoders, the old BatchNorm where present),
+        # then the encoder with an additive float mask instead of the boolean one: SDPA takes both.
+        x = m._normalize_input(m.encoder(gene_ids) + m.value_encoder(values), None)  # (B, L, d)
+        bias = padding_mask[:, None, None, :].to(x.dtype) * MASK_BIAS  # (B, 1, 1, L)
+        cell_emb = m.transformer_encoder(x, bias)[:, 0]  # (B, d)
+        outputs = (cell_emb, F.normalize(cell_emb, dim=-1))  # x / max(||x||, 1e-12)
+        if m.cls_decoder is not None:  # fixed by the model, not by the data
+            outputs += (torch.softmax(m.cls_decoder(cell_emb), dim=-1),)  # (B, n_cls)
+        return outputs
+
+
+def output_names(model: ScGPT) -> list[str]:
+    """Names of the graph outputs, in order."""
+    head = [CLASS_PROBS] if model.cls_decoder is not None else []
+    return [CELL_EMB, CELL_EMB_NORMALIZED, *head]
+
+
+def export_onnx(
+    model: ScGPT,
+    path: str | Path,
+    max_seq_len: int,
+    *,
+    opset: int = 18,
+    fuse_attention: bool = True,
+) -> Path:
+    """Write the fp32 graph of `model` (in eval mode) for `max_seq_len` tokens per cell.
+
+    torch.onnx.export(dynamo=True) traces CellEncoder with a dynamic batch axis; with
+    fuse_attention, onnxscript rewrites attention into com.microsoft MultiHeadAttention (and
+    residual + LayerNorm into SkipLayerNormalization). Returns `path`.
+    """
+    if opset not in OPSETS:
+        raise ValueError(f"opset must be one of {OPSETS}, not {opset}")
+    cfg = model.cfg
+    g = torch.Generator().manual_seed(0)
+    example = (
+        torch.randint(0, cfg.vocab_size, (2, max_seq_len), generator=g),  # batch 2: not 0 or 1,
+        torch.randint(0, cfg.n_bins, (2, max_seq_len), generator=g).float(),  # which torch
+        torch.zeros(2, max_seq_len, dtype=torch.bool),  # would specialise
+    )
+    batch = torch.export.Dim("batch")
+    with warnings.catch_warnings():
+        # Notes of torch itself, not about this model: a deprecation inside torch.export, and
+        # that the three inputs share one batch axis (as intended).
+        warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+        warnings.filterwarnings("ignore", message=r".*The axis name: batch will not be used")
+        program = torch.onnx.export(
+            CellEncoder(model).eval(),
+            example,
+            input_names=list(INPUTS),
+            output_names=output_names(model),
+            opset_version=opset,
+            dynamo=True,
+            dynamic_shapes={name: {0: batch} for name in INPUTS},
+            external_data=False,
+            verbose=False,
+        )
+    onnx_model = program.model
+    if fuse_attention:
+        onnx_model, _ = optimize_for_ort(onnx_model)
+    # Stack traces and source paths of the tracing machine stay out of the bundle.
+    ir.passes.common.ClearMetadataAndDocStringPass()(onnx_model)
+    path = Path(path)
+    ir.save(onnx_model, path)
+    return path

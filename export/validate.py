@@ -1,0 +1,197 @@
+"""Validation of exported graphs: onnxruntime against PyTorch on tokenized cells.
+
+Each graph runs on the cells one by one for a few of them (batch 1) and in batches (batch N):
+real cells read from a data file, plus a cell with <cls> alone and a full-length cell (a real one
+where a cell fills the length, else a synthetic one). Its outputs are compared with the PyTorch
+model's, computed on the same cells with the padding trimmed away, and export fails where a
+graph misses the tolerance of its precision.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+import torch.nn.functional as F
+
+from scgpt_runtime.bundle import CELL_EMB, CELL_EMB_NORMALIZED, CLASS_PROBS
+from scgpt_runtime.csr import CsrBlock
+from scgpt_runtime.errors import BundleError
+from scgpt_runtime.genes import match_genes
+from scgpt_runtime.io import open_counts
+from scgpt_runtime.tokens import TokenConfig, tokenize
+from scgpt_runtime.vocab import SPECIALS, Vocab
+from scgpt_train.model import ScGPT
+
+# Limits per precision: *_max_abs are upper bounds, min_cosine and top1_agreement lower bounds.
+TOLERANCE: dict[str, dict[str, float]] = {
+    "fp32": {"cell_emb_max_abs": 1e-4, "cell_emb_normalized_max_abs": 1e-4},
+    "fp16": {"min_cosine": 0.999},
+    "int8": {"min_cosine": 0.99, "top1_agreement": 0.99},
+}
+_LOWER_BOUNDS = ("min_cosine", "top1_agreement")
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+class ToleranceError(BundleError):
+    """An exported graph differs from PyTorch by more than its precision allows."""
+
+
+@dataclass(frozen=True)
+class Cells:
+    """Model inputs of the validation cells at one length: real (or synthetic) cells first,
+    then <cls> alone, then a full-length cell."""
+
+    gene_ids: np.ndarray  # (n, L) int64
+    values: np.ndarray  # (n, L) float32
+    padding_mask: np.ndarray  # (n, L) bool, True = pad
+    full_length: str  # "real" or "synthetic"
+
+    def rows(self, rows: np.ndarray | slice) -> dict[str, np.ndarray]:
+        """Graph inputs of some cells."""
+        return {
+            "gene_ids": self.gene_ids[rows],
+            "values": self.values[rows],
+            "padding_mask": self.padding_mask[rows],
+        }
+
+
+def read_cells(
+    path: str | Path, vocab: Vocab, n_cells: int, gene_column: str | None = None
+) -> tuple[CsrBlock, np.ndarray]:
+    """The first `n_cells` cells of a count file and the vocabulary id of each of its genes."""
+    with open_counts(path) as counts:
+        match = match_genes(counts.var, vocab, gene_column=gene_column, source=str(path))
+        block = next(counts.iter_blocks(block_size=n_cells, stop=n_cells))
+    return block, match.column_ids
+
+
+def make_cells(
+    tokens: TokenConfig,
+    vocab: Vocab,
+    real: tuple[CsrBlock, np.ndarray] | None,
+    n_synthetic: int = 0,
+    seed: int = 0,
+) -> Cells:
+    """Validation inputs at tokens.max_seq_len: `real` cells tokenized (or `n_synthetic` random
+    ones), then <cls> alone and a full-length cell."""
+    rng = np.random.default_rng(seed)
+    L = tokens.max_seq_len
+    if real is not None:
+        block = tokenize(real[0], real[1], tokens, vocab.cls_id, vocab.pad_id)
+        ids, values, pad = block.gene_ids, block.values, block.padding_mask
+    else:
+        ids, values, pad = _synthetic(tokens, vocab, rng.integers(1, L, n_synthetic), rng)
+    full = np.flatnonzero(~pad[:, -1])
+    if full.size:
+        extra = [ids[full[:1]], values[full[:1]], pad[full[:1]]]
+    else:
+        extra = list(_synthetic(tokens, vocab, np.array([L - 1]), rng))
+    cls_only = _synthetic(tokens, vocab, np.array([0]), rng)
+    return Cells(
+        np.concatenate([ids, cls_only[0], extra[0]]),
+        np.concatenate([values, cls_only[1], extra[1]]),
+        np.concatenate([pad, cls_only[2], extra[2]]),
+        full_length="real" if full.size else "synthetic",
+    )
+
+
+def _synthetic(
+    tokens: TokenConfig, vocab: Vocab, n_genes: np.ndarray, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Cells of `n_genes` random genes with random bins, laid out as `tokenize` lays them."""
+    n, L = len(n_genes), tokens.max_seq_len
+    genes = np.setdiff1d(np.arange(len(vocab)), [vocab[s] for s in SPECIALS if s in vocab])
+    ids = np.full((n, L), vocab.pad_id, dtype=np.int64)
+    values = np.full((n, L), tokens.pad_value, dtype=np.float32)
+    pad = np.ones((n, L), dtype=bool)
+    ids[:, 0], values[:, 0], pad[:, 0] = vocab.cls_id, tokens.cls_value, False
+    for row, k in enumerate(np.minimum(n_genes, len(genes))):
+        ids[row, 1 : k + 1] = np.sort(rng.choice(genes, size=k, replace=False))
+        values[row, 1 : k + 1] = rng.integers(1, tokens.n_bins, size=k)
+        pad[row, 1 : k + 1] = False
+    return ids, values, pad
+
+
+@torch.no_grad()
+def reference(model: ScGPT, cells: Cells, batch_size: int = 16) -> dict[str, np.ndarray]:
+    """PyTorch outputs for every cell (model in eval mode), computed in batches without the
+    columns that are padding in the whole batch: pads must not matter."""
+    outputs: dict[str, list[np.ndarray]] = {}
+    for lo in range(0, len(cells.gene_ids), batch_size):
+        batch = cells.rows(slice(lo, lo + batch_size))
+        width = int((~batch["padding_mask"]).sum(axis=1).max())  # pads trail the tokens
+        ids, values, pad = (torch.from_numpy(a[:, :width]) for a in batch.values())
+        cell_emb = model.cell_embedding(ids, values, pad)  # (b, d)
+        got = {CELL_EMB: cell_emb, CELL_EMB_NORMALIZED: F.normalize(cell_emb, dim=-1)}
+        if model.cls_decoder is not None:
+            got[CLASS_PROBS] = torch.softmax(model.cls_decoder(cell_emb), dim=-1)
+        for name, value in got.items():
+            outputs.setdefault(name, []).append(value.numpy())
+    return {name: np.concatenate(parts) for name, parts in outputs.items()}
+
+
+def validate(
+    path: str | Path,
+    precision: str,
+    cells: Cells,
+    expected: dict[str, np.ndarray],
+    *,
+    device: str = "cpu",
+    batch_size: int = 16,
+) -> dict[str, float]:
+    """Errors of the graph at `path` against `expected` (see `reference`): max abs errors of
+    each output, the lowest cosine of cell_emb, top-1 class agreement. Raises ToleranceError
+    where they miss TOLERANCE[precision]."""
+    session = open_session(path, device)
+    n = len(cells.gene_ids)
+    names = [o.name for o in session.get_outputs()]
+    batched = [session.run(None, cells.rows(slice(lo, lo + batch_size)))
+               for lo in range(0, n, batch_size)]  # fmt: skip
+    singles = [0, n - 2, n - 1]  # the first cell, <cls> alone, the full-length cell
+    batched += [session.run(None, cells.rows(slice(r, r + 1))) for r in singles]
+    got = {name: np.concatenate([b[i] for b in batched]) for i, name in enumerate(names)}
+    rows = np.r_[np.arange(n), singles]
+    errors = _errors(got, {name: value[rows] for name, value in expected.items()})
+    check(f"the {precision} graph for {cells.gene_ids.shape[1]} tokens", precision, errors)
+    return errors
+
+
+def open_session(path: str | Path, device: str = "cpu") -> ort.InferenceSession:
+    """An onnxruntime session on `device` ("cpu" or "cuda"), refusing a silent CPU fallback."""
+    provider = PROVIDERS[device]
+    session = ort.InferenceSession(str(path), providers=[provider])
+    if session.get_providers()[0] != provider:
+        raise BundleError(f"onnxruntime cannot use {provider} here; validate with --device cpu")
+    return session
+
+
+def check(graph: str, precision: str, errors: dict[str, float]) -> None:
+    """ToleranceError naming every limit of `precision` that `errors` of `graph` miss."""
+    if not all(np.isfinite(list(errors.values()))):
+        raise ToleranceError(f"{graph} gives NaN or infinite outputs")
+    missed = [
+        f"{key} {errors[key]:.3g} (limit {limit:g})"
+        for key, limit in TOLERANCE[precision].items()
+        if key in errors and (errors[key] < limit if key in _LOWER_BOUNDS else errors[key] > limit)
+    ]
+    if missed:
+        raise ToleranceError(
+            f"{graph} misses its tolerance against PyTorch: {', '.join(missed)}; "
+            f"export without --precision {precision}"
+        )
+
+
+def _errors(got: dict[str, np.ndarray], expected: dict[str, np.ndarray]) -> dict[str, float]:
+    errors = {f"{name}_max_abs": float(np.abs(got[name] - expected[name]).max()) for name in got}
+    a, b = got[CELL_EMB].astype(np.float64), expected[CELL_EMB].astype(np.float64)
+    cosine = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1),
+                                         1e-12)  # fmt: skip
+    errors["min_cosine"] = float(cosine.min())
+    if CLASS_PROBS in got:
+        agree = got[CLASS_PROBS].argmax(1) == expected[CLASS_PROBS].argmax(1)
+        errors["top1_agreement"] = float(agree.mean())
+    return errors
