@@ -20,9 +20,10 @@ import torch
 from scgpt_runtime.bundle import PRECISIONS, Variant, check_target, load_bundle, write_bundle
 from scgpt_runtime.errors import InputError
 from scgpt_train.checkpoint import RunInfo, load_run
+from scgpt_train.model import MASK_BIAS
 
 from .quantize import to_fp16, to_int8
-from .to_onnx import MASK_BIAS, export_onnx
+from .to_onnx import export_onnx
 from .validate import PROVIDERS, TOLERANCE, make_cells, read_cells, reference, validate
 
 log = logging.getLogger("scgpt_export")

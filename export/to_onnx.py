@@ -23,10 +23,6 @@ from scgpt_runtime.bundle import CELL_EMB, CELL_EMB_NORMALIZED, CLASS_PROBS, INP
 from scgpt_train.model import ScGPT
 
 OPSETS = (18, 19, 20)  # onnxruntime runs these on CPU and CUDA
-# Added to the attention scores of pad keys. Finite, so no softmax row can become NaN (<cls> is
-# never a pad, so every row keeps a key); representable in fp16 (-1e9 overflows to -inf there),
-# and exp(-1e4) is 0 in every precision, so a pad gets exactly zero weight.
-MASK_BIAS = -1e4
 
 
 class CellEncoder(nn.Module):
@@ -38,11 +34,9 @@ class CellEncoder(nn.Module):
 
     def forward(self, gene_ids: Tensor, values: Tensor, padding_mask: Tensor) -> tuple[Tensor, ...]:
         m = self.model
-        # The model's own input path (gene + value encoders, the old BatchNorm where present),
-        # then the encoder with an additive float mask instead of the boolean one: SDPA takes both.
-        x = m._normalize_input(m.encoder(gene_ids) + m.value_encoder(values), None)  # (B, L, d)
-        bias = padding_mask[:, None, None, :].to(x.dtype) * MASK_BIAS  # (B, 1, 1, L)
-        cell_emb = m.transformer_encoder(x, bias)[:, 0]  # (B, d)
+        # The model's own path; its padding mask becomes the finite additive bias MASK_BIAS
+        # (model.py), so no softmax row can become NaN and fp16 can hold it.
+        cell_emb = m.cell_embedding(gene_ids, values, padding_mask)  # (B, d)
         outputs = (cell_emb, F.normalize(cell_emb, dim=-1))  # x / max(||x||, 1e-12)
         if m.cls_decoder is not None:  # fixed by the model, not by the data
             outputs += (torch.softmax(m.cls_decoder(cell_emb), dim=-1),)  # (B, n_cls)
