@@ -6,7 +6,7 @@ training cells are tokenized with the runtime's own functions, permuted, and cut
 batches. Global batches depend only on the seed, never on the world size: under DDP each rank
 reads the same windows and keeps its own slice of every global batch, so 1 process with batch
 B and 2 processes with B/2 each see the same cells. A held-out validation split is chosen per
-cell by a hash of (seed, file, cell), so it does not move when files are added or reordered.
+cell by a hash of (seed, file index, cell index): fixed for a given seed and file list.
 """
 
 from __future__ import annotations
