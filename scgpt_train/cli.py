@@ -13,6 +13,12 @@ import click
 from scgpt_runtime.cli import EXIT_CODES, ScgptGroup, configure_logging, progress_bar
 from scgpt_runtime.errors import InputError
 
+from .evaluate import VOTES, EvaluateConfig
+from .evaluate import evaluate as run_evaluate
+from .finetune import CLASS_WEIGHTS, FREEZE, AnnotateConfig
+from .finetune import annotate as run_annotate
+from .integrate import IntegrateConfig
+from .integrate import integrate as run_integrate
 from .model import PRESETS
 from .official import import_scgpt as run_import
 from .pretrain import PretrainConfig
@@ -174,6 +180,228 @@ def import_scgpt(folder: str, out: str, as_json: bool) -> None:
         click.echo(json.dumps(report.to_dict()))
     else:
         click.echo(report.summary())
+
+
+# ---------------------------------------------------------------------------- fine-tuning
+
+
+def start_options(f: Any) -> Any:
+    """Options every fine-tuning command shares: where it starts, data, output, run settings."""
+    for decorator in reversed([
+        click.option("--from", "from_run", type=click.Path(exists=True, file_okay=False),
+                     help="Run directory to start from (pretrained, imported or fine-tuned)."),
+        click.option("--from-scratch", is_flag=True,
+                     help="Start from random weights of --preset instead of a run."),
+        click.option("--preset", type=click.Choice(sorted(PRESETS)), default="small",
+                     show_default=True, help="Model size with --from-scratch."),
+        click.option("--data", multiple=True, required=True,
+                     help="A .h5ad or 10x .h5 file, a folder of them, or a quoted glob; "
+                     "repeatable."),
+        click.option("--out", required=True, type=click.Path(file_okay=False),
+                     help="Run directory to write."),
+        click.option("--where", multiple=True,
+                     help="COL=VALUE: use only cells whose obs COL equals VALUE; repeatable."),
+        click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
+                     help="JSON with any of these settings (and 'model'/'tokens' overrides); "
+                     "options given here win."),
+        click.option("--gene-column", help="var column with gene names [default: best match]"),
+        click.option("--epochs", type=int, default=None, help="Passes over the training cells."),
+        click.option("--batch-size", type=int, default=32, show_default=True),
+        click.option("--lr", type=float, default=1e-4, show_default=True),
+        click.option("--lr-decay", type=float, default=0.9, show_default=True,
+                     help="Learning-rate factor per epoch (official schedule)."),
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--device", default="auto", show_default=True,
+                     help="auto, cpu, cuda or cuda:N"),
+        click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON."),
+    ]):  # fmt: skip
+        f = decorator(f)
+    return f
+
+
+def _finetune_config(cls: type, ctx: click.Context, data: tuple[str, ...],
+                     config_file: str | None, **options: Any) -> Any:  # fmt: skip
+    if options.get("epochs") is None:
+        options.pop("epochs")  # the config's own default (annotate 10, integrate 15)
+    return merged_config(cls, ctx, load_config_file(config_file), data=expand_data(data),
+                         **options)  # fmt: skip
+
+
+def _echo_summary(summary: dict[str, Any], as_json: bool, line: str) -> None:
+    click.echo(json.dumps(summary) if as_json else line)
+
+
+@cli.group(epilog=EXIT_CODES)
+def finetune() -> None:
+    """Fine-tune a run for cell-type annotation or batch integration."""
+
+
+@finetune.command(
+    epilog="""\b
+Examples:
+  scgpt-train finetune annotate --from runs/pre --data pbmc.h5ad --label-key cell_type \\
+      --out runs/pbmc-annot
+  scgpt-train finetune annotate --from runs/pre --data kang.h5ad --label-key cell_type \\
+      --where condition=control --out runs/kang-annot --class-weight balanced --json
+  scgpt-train finetune annotate --from-scratch --preset small --data a.h5ad \\
+      --label-key cell_type --out runs/scratch --epochs 20 --lr 1e-3"""
+)
+@start_options
+@click.option("--label-key", required=True, help="obs column with the cell-type labels.")
+@click.option("--batch-key", help="obs column with batches: adds DSBN (batch-pure minibatches).")
+@click.option(
+    "--freeze",
+    type=click.Choice(FREEZE),
+    default="none",
+    show_default=True,
+    help="Keep fixed: nothing, the gene/value encoders, or all but the classifier.",
+)
+@click.option(
+    "--class-weight",
+    type=click.Choice(CLASS_WEIGHTS),
+    default="none",
+    show_default=True,
+    help="'balanced' weights each class by n / (C * n_class).",
+)
+@click.option(
+    "--val-fraction",
+    type=float,
+    default=0.1,
+    show_default=True,
+    help="Stratified validation share; early stopping on its macro-F1.",
+)
+@click.option(
+    "--patience",
+    type=int,
+    default=3,
+    show_default=True,
+    help="Epochs without a better validation macro-F1 before stopping.",
+)
+@click.pass_context
+def annotate(ctx: click.Context, data: tuple[str, ...], config_file: str | None,
+             as_json: bool, **options: Any) -> None:  # fmt: skip
+    """Fine-tune a cell-type classifier on labelled cells.
+
+    Starts from a run (--from: its vocabulary, tokenization and weights; new heads start fresh)
+    or from scratch. Trains with cross-entropy on the cells that have a label (missing labels
+    are left out of the loss), keeps the epoch with the best validation macro-F1, and writes a
+    run whose config.json holds the class names in output order.
+    """
+    cfg = _finetune_config(AnnotateConfig, ctx, data, config_file, **options)
+    summary = run_annotate(cfg)
+    _echo_summary(summary, as_json, f"{cfg.out}: best epoch {summary['best_epoch']}, "
+                  f"validation macro-F1 {summary['val_macro_f1']}")  # fmt: skip
+
+
+@finetune.command(
+    epilog="""\b
+Examples:
+  scgpt-train finetune integrate --from runs/pre --data kang.h5ad --batch-key condition \\
+      --out runs/kang-int
+  scgpt-train finetune integrate --from runs/pre --data a.h5ad --data b.h5ad \\
+      --batch-key batch --out runs/ab --ecs-weight 10 --dab-weight 1 --epochs 15"""
+)
+@start_options
+@click.option("--batch-key", required=True, help="obs column with the batch of each cell.")
+@click.option("--mask-ratio", type=float, default=0.4, show_default=True)
+@click.option("--gep-weight", type=float, default=1.0, show_default=True)
+@click.option("--gepc-weight", type=float, default=1.0, show_default=True)
+@click.option("--ecs-weight", type=float, default=10.0, show_default=True)
+@click.option("--ecs-threshold", type=float, default=0.8, show_default=True)
+@click.option(
+    "--dab-weight",
+    type=float,
+    default=1.0,
+    show_default=True,
+    help="Batch discriminator behind gradient reversal (0 = off).",
+)
+@click.option(
+    "--dsbn/--no-dsbn",
+    default=True,
+    show_default=True,
+    help="Per-batch BatchNorm with batch-pure minibatches.",
+)
+@click.option("--batch-tokens/--no-batch-tokens", default=True, show_default=True)
+@click.pass_context
+def integrate(ctx: click.Context, data: tuple[str, ...], config_file: str | None,
+              as_json: bool, **options: Any) -> None:  # fmt: skip
+    """Fine-tune for batch integration (GEP + GEPC + ECS + DAB, DSBN, batch tokens).
+
+    The official recipe: masked gene values (ratio 0.4, mask value -1) predicted per gene and
+    from the cell embedding, elastic cell similarity (weight 10, threshold 0.8), a batch
+    discriminator behind gradient reversal, per-batch BatchNorm trained on minibatches of one
+    batch, and batch tokens in the decoders. No labels are used.
+    """
+    cfg = _finetune_config(IntegrateConfig, ctx, data, config_file, **options)
+    summary = run_integrate(cfg)
+    _echo_summary(summary, as_json, f"{cfg.out}: {summary['epoch']} epochs, loss "
+                  f"{summary.get('loss')}")  # fmt: skip
+
+
+@cli.command(
+    epilog="""\b
+Examples:
+  scgpt-train evaluate --from runs/kang-annot --data kang.h5ad --label-key cell_type \\
+      --where condition=stimulated
+  scgpt-train evaluate --from runs/pre --data kang.h5ad --where condition=stimulated \\
+      --reference kang.h5ad --reference-where condition=control --label-key cell_type
+  scgpt-train evaluate --from runs/kang-int --data kang.h5ad --label-key cell_type \\
+      --batch-key condition --json"""
+)
+@click.option(
+    "--from",
+    "run",
+    required=True,
+    type=click.Path(exists=True, file_okay=False),
+    help="Run directory to evaluate.",
+)
+@click.option("--data", multiple=True, required=True, help="Labelled cells; repeatable.")
+@click.option("--label-key", required=True, help="obs column with the true labels.")
+@click.option("--where", multiple=True, help="COL=VALUE filter of --data; repeatable.")
+@click.option("--batch-key", help="obs column with batches: integration metrics.")
+@click.option(
+    "--reference",
+    multiple=True,
+    help="Labelled reference cells: kNN label transfer (zero-shot); repeatable.",
+)
+@click.option("--reference-where", multiple=True, help="COL=VALUE filter of --reference.")
+@click.option("--k", type=int, default=10, show_default=True, help="Neighbours for kNN.")
+@click.option("--vote", type=click.Choice(VOTES), default="majority", show_default=True)
+@click.option(
+    "--unknown-threshold",
+    type=float,
+    help="Label cells 'unknown' below this confidence [default: off].",
+)
+@click.option("--gene-column", help="var column with gene names [default: best match]")
+@click.option("--predictions", type=click.Path(dir_okay=False), help="Write per-cell CSV here.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of k-means.")
+@click.option("--json", "as_json", is_flag=True, help="Print all metrics as JSON.")
+def evaluate(data: tuple[str, ...], reference: tuple[str, ...], as_json: bool,
+             **options: Any) -> None:  # fmt: skip
+    """Score a run on labelled cells: classifier, kNN transfer, integration.
+
+    With a classifier head: accuracy, macro-F1, per-class F1 and confusion matrix of its
+    predictions. With --reference: the same for labels transferred by k nearest neighbours on
+    L2-normalised cell embeddings (any run, no fine-tuning). With --batch-key: NMI and ARI of
+    k-means clusters, label and batch silhouettes, graph connectivity, AvgBIO and AvgBATCH.
+    """
+    try:
+        cfg = EvaluateConfig(data=expand_data(data),
+                             reference=expand_data(reference) if reference else [],
+                             **options)  # fmt: skip
+    except ValueError as e:
+        raise click.UsageError(str(e)) from e
+    result = run_evaluate(cfg)
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    for name in ("classifier", "knn"):
+        if name in result:
+            m = result[name]
+            click.echo(f"{name}: accuracy {m['accuracy']:.4f} macro-F1 {m['macro_f1']:.4f} "
+                       f"({m['n_cells']} cells)")  # fmt: skip
+    if "integration" in result:
+        click.echo("integration: " + " ".join(f"{k} {v}" for k, v in result["integration"].items()))
 
 
 def main() -> None:
