@@ -1,4 +1,5 @@
-"""scGPT runtime: read single-cell files, match genes, tokenize cells, serve model bundles.
+"""scGPT runtime: read single-cell files, match genes, tokenize cells, serve model bundles
+(`Model`: annotate and embed cells with an exported bundle).
 
 Torch-free: numpy, h5py, click, safetensors and onnxruntime only.
 """
@@ -10,17 +11,20 @@ from .csr import CsrBlock
 from .errors import BundleError, GeneMatchError, InputError, OutputError, ScgptError
 from .genes import GeneMatch, match_genes
 from .io import CountMatrix, open_counts
+from .model import Annotation, Model
 from .preprocess import highly_variable_genes, log1p, normalize_total
 from .tokens import TokenBlock, TokenConfig, tokenize
 from .vocab import Vocab
 
 __all__ = [
+    "Annotation",
     "BundleError",
     "CountMatrix",
     "CsrBlock",
     "GeneMatch",
     "GeneMatchError",
     "InputError",
+    "Model",
     "OutputError",
     "ScgptError",
     "TokenBlock",
