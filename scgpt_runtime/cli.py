@@ -50,15 +50,25 @@ def configure_logging(verbose: bool, quiet: bool) -> None:
     )
 
 
-@click.group(
-    cls=ScgptGroup, context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_CODES
-)
-@click.version_option(package_name="scgpt-deploy")
-@click.option("-v", "--verbose", is_flag=True, help="Log debug messages to stderr.")
-@click.option("-q", "--quiet", is_flag=True, help="Log errors only.")
-def cli(verbose: bool, quiet: bool) -> None:
-    """Annotate and embed single cells with scGPT, on GPU when there is one."""
-    configure_logging(verbose, quiet)
+def command_group(help_text: str) -> click.Group:
+    """A top-level command group: -h, --version, -v/-q logging, one-line errors, exit codes."""
+
+    @click.group(
+        cls=ScgptGroup,
+        help=help_text,
+        context_settings={"help_option_names": ["-h", "--help"]},
+        epilog=EXIT_CODES,
+    )
+    @click.version_option(package_name="scgpt-deploy")
+    @click.option("-v", "--verbose", is_flag=True, help="Log debug messages to stderr.")
+    @click.option("-q", "--quiet", is_flag=True, help="Log errors only.")
+    def group(verbose: bool, quiet: bool) -> None:
+        configure_logging(verbose, quiet)
+
+    return group
+
+
+cli = command_group("Annotate and embed single cells with scGPT, on GPU when there is one.")
 
 
 def input_options(f: Callable) -> Callable:

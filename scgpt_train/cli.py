@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from scgpt_runtime.cli import EXIT_CODES, ScgptGroup, configure_logging, progress_bar
+from scgpt_runtime.cli import EXIT_CODES, command_group, progress_bar
 from scgpt_runtime.errors import InputError
 
 from .evaluate import VOTES, EvaluateConfig
@@ -27,15 +27,9 @@ from .pretrain import pretrain as run_pretrain
 DATA_SUFFIXES = (".h5ad", ".h5")
 
 
-@click.group(
-    cls=ScgptGroup, context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_CODES
+cli = command_group(
+    "Train scGPT models with PyTorch: pretrain, fine-tune, import official checkpoints."
 )
-@click.version_option(package_name="scgpt-deploy")
-@click.option("-v", "--verbose", is_flag=True, help="Log debug messages to stderr.")
-@click.option("-q", "--quiet", is_flag=True, help="Log errors only.")
-def cli(verbose: bool, quiet: bool) -> None:
-    """Train scGPT models with PyTorch: pretrain, fine-tune, import official checkpoints."""
-    configure_logging(verbose, quiet)
 
 
 def expand_data(values: tuple[str, ...]) -> list[str]:
