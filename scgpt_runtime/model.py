@@ -7,7 +7,7 @@
     raw = model.embed_tokens(gene_ids, values, padding_mask)
 
 How cells are batched, so that results never depend on the batch size, the block size, the
-thread count or the shard split (docs/benchmarks.md shows the measurements):
+thread count or the shard split (tests/runtime/test_model.py asserts it bit for bit):
 - Each cell runs on the graph of the shortest length that holds its tokens, chosen from the
   cell alone (never from the other cells of a batch).
 - fp32 and fp16 graphs compute every cell independently of the others in a batch: on the CPU
