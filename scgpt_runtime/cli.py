@@ -126,32 +126,14 @@ def gene_fraction_option(f: Callable) -> Callable:
 
 
 def run_options(f: Callable) -> Callable:
-    """Options of the commands that run the model (annotate, embed)."""
-    decorators = [
-        click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout."),
-        click.option("--overwrite", is_flag=True, help="Replace an existing output file."),
+    """Options of the commands that run the model (annotate, embed), in help order."""
+    shown = [
         click.option(
-            "--shard",
-            metavar="I/N",
-            help="Process the I-th of N equal parts of the cells (1 <= I <= N) into a .part "
-            "file for scgpt-run merge.",
-        ),
-        click.option(
-            "--block-size",
-            type=click.IntRange(min=1),
-            default=pipeline.BLOCK_SIZE,
+            "--device",
+            type=click.Choice(DEVICES),
+            default="auto",
             show_default=True,
-            help="Cells read and tokenized at a time (memory).",
-        ),
-        click.option(
-            "--batch-size",
-            type=click.IntRange(min=1),
-            help="Cells per graph call [default: 64 on CUDA, 16 on CPU; int8: 1]",
-        ),
-        click.option(
-            "--threads",
-            type=click.IntRange(min=1),
-            help="CPU threads running the model [default: all CPUs of this process]",
+            help="auto: CUDA when its provider starts, else CPU (the log says which runs).",
         ),
         click.option(
             "--precision",
@@ -161,22 +143,42 @@ def run_options(f: Callable) -> Callable:
             help="Graph precision; auto: fp16 on CUDA, int8 (else fp32) on CPU.",
         ),
         click.option(
-            "--device",
-            type=click.Choice(DEVICES),
-            default="auto",
+            "--threads",
+            type=click.IntRange(min=1),
+            help="CPU threads running the model [default: all CPUs of this process]",
+        ),
+        click.option(
+            "--batch-size",
+            type=click.IntRange(min=1),
+            help="Cells per graph call [default: 64 on CUDA, 16 on CPU; int8: 1]",
+        ),
+        click.option(
+            "--block-size",
+            type=click.IntRange(min=1),
+            default=pipeline.BLOCK_SIZE,
             show_default=True,
-            help="auto: CUDA when its provider starts, else CPU (the log says which runs).",
+            help="Cells read and tokenized at a time (memory).",
+        ),
+        click.option(
+            "--shard",
+            metavar="I/N",
+            help="Process the I-th of N equal parts of the cells (1 <= I <= N) into a .part "
+            "file for scgpt-run merge.",
         ),
         gene_fraction_option,
-        click.option(
-            "--inplace", is_flag=True, help="Write the results into FILE (.h5ad) instead of --out."
-        ),
-        model_option,
         input_options,
+        click.option("--overwrite", is_flag=True, help="Replace an existing output file."),
+        click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout."),
     ]
-    for decorator in decorators:
+    for decorator in reversed(shown):
         f = decorator(f)
     return f
+
+
+def inplace_option(f: Callable) -> Callable:
+    return click.option(
+        "--inplace", is_flag=True, help="Write the results into FILE (.h5ad) instead of --out."
+    )(f)
 
 
 def _serve(
@@ -241,12 +243,13 @@ Examples:
   scgpt-run annotate filtered_feature_bc_matrix.h5 --model bundles/pbmc > labels.csv
   scgpt-run annotate big.h5ad --model bundles/pbmc --shard 2/8 --out big.2.part"""
 )
-@run_options
+@model_option
 @click.option(
     "--out",
     type=click.Path(dir_okay=False, path_type=str),
     help="Results file: .csv, .tsv or .h5ad [default: CSV on stdout]",
 )
+@inplace_option
 @click.option(
     "--prefix", default="scgpt_", show_default=True, help="Prefix of the obs columns in .h5ad."
 )
@@ -257,6 +260,7 @@ Examples:
     show_default=True,
     help="Also give the K most probable labels and their probabilities.",
 )
+@run_options
 def annotate(
     file: str,
     bundle: str | None,
@@ -302,13 +306,15 @@ Examples:
   scgpt-run embed filtered_feature_bc_matrix.h5 --model bundles/human --out emb.csv --raw
   scgpt-run embed big.h5ad --model bundles/human --device cuda --batch-size 128 --out e.npy"""
 )
-@run_options
+@model_option
 @click.option(
     "--out",
     type=click.Path(dir_okay=False, path_type=str),
     help="Embeddings file: .npy, .h5ad, .csv or .tsv (required unless --inplace).",
 )
+@inplace_option
 @click.option("--raw", is_flag=True, help="The raw <cls> output instead of the L2-normalised one.")
+@run_options
 def embed(
     file: str,
     bundle: str | None,
