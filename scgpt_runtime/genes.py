@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import GeneMatchError
-from .vocab import Vocab
+from .vocab import SPECIALS, Vocab
 
 # Identifier columns, most preferred first: CELLxGENE's feature_name is what the official
 # vocabulary was built from; symbols before Ensembl ids; the var index last but one.
@@ -37,6 +37,7 @@ class GeneMatch:
     column: str  # the var column whose names were matched
     column_ids: np.ndarray  # (n_genes,) int64 vocabulary id per file gene, -1 = not used
     n_total: int
+    n_vocab_genes: int  # vocabulary size without the special tokens
     n_duplicates: int  # genes dropped because an earlier gene already took their token
     unmatched_examples: list[str]
 
@@ -46,7 +47,13 @@ class GeneMatch:
 
     @property
     def fraction(self) -> float:
-        return self.n_matched / self.n_total if self.n_total else 0.0
+        """Matched share of the smaller gene set: the file's genes or the vocabulary's.
+
+        A model with a small vocabulary (a few thousand genes) then fully matches a
+        whole-transcriptome file, and a panel of 500 genes fully matches a whole-human model.
+        """
+        possible = min(self.n_total, self.n_vocab_genes)
+        return self.n_matched / possible if possible else 0.0
 
     def to_dict(self) -> dict:
         return {
@@ -87,7 +94,7 @@ def match_genes(
 
     Matching is exact and case-sensitive after stripping Ensembl version suffixes. Where two
     genes map to one token the first (lowest column index) keeps it. Raises GeneMatchError when
-    fewer than `min_fraction` of the genes match.
+    fewer than `min_fraction` of the possible matches do (see `GeneMatch.fraction`).
     """
     if gene_column is not None and gene_column not in var:
         raise GeneMatchError(
@@ -104,11 +111,13 @@ def match_genes(
     duplicate[first] = False
     ids[matched[duplicate]] = -1
     unmatched = [str(n) for n in var[column][ids < 0][:5]]
-    match = GeneMatch(column, ids, n_total, int(duplicate.sum()), unmatched)
+    n_vocab_genes = len(vocab) - sum(s in vocab for s in SPECIALS)
+    match = GeneMatch(column, ids, n_total, n_vocab_genes, int(duplicate.sum()), unmatched)
     if n_total == 0 or match.fraction < min_fraction:
         raise GeneMatchError(
-            f"{source}: only {match.n_matched} of {n_total} genes ({match.fraction:.0%}) match "
-            f"the model vocabulary (column {column}, unmatched examples: {', '.join(unmatched)}); "
+            f"{source}: only {match.n_matched} of {min(n_total, n_vocab_genes)} possible genes "
+            f"({match.fraction:.0%}) match the model vocabulary (column {column}, "
+            f"unmatched examples: {', '.join(unmatched)}); "
             f"pass --gene-column (available: {', '.join(var)}) or lower --min-gene-fraction"
         )
     return match

@@ -102,7 +102,9 @@ def match_bundle_genes(
             f"{counts.path}: none of its genes (column {match.column}) is in the model's gene "
             f"panel of {len(panel)} genes; pass --gene-column (available: {', '.join(counts.var)})"
         )
-    return GeneMatch(match.column, ids, match.n_total, match.n_duplicates, match.unmatched_examples)
+    return GeneMatch(
+        match.column, ids, match.n_total, len(panel), match.n_duplicates, match.unmatched_examples
+    )
 
 
 def run(

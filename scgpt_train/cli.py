@@ -13,12 +13,13 @@ import click
 from scgpt_runtime.cli import EXIT_CODES, command_group, progress_bar
 from scgpt_runtime.errors import InputError
 
-from .evaluate import VOTES, EvaluateConfig
+from .evaluate import EvaluateConfig
 from .evaluate import evaluate as run_evaluate
 from .finetune import CLASS_WEIGHTS, FREEZE, AnnotateConfig
 from .finetune import annotate as run_annotate
 from .integrate import IntegrateConfig
 from .integrate import integrate as run_integrate
+from .metrics import VOTES
 from .model import PRESETS
 from .official import import_scgpt as run_import
 from .pretrain import PretrainConfig

@@ -31,7 +31,7 @@ from scgpt_runtime.vocab import Vocab
 from .checkpoint import RunInfo, load_run, save_run, write_json
 from .data import build_vocab, concat, open_sources, read_tokens, take
 from .distributed import resolve_device
-from .evaluate import Prediction, accuracy, decide, macro_f1
+from .metrics import Prediction, accuracy, decide, macro_f1
 from .model import ModelConfig, ScGPT
 from .pretrain import provenance, step_seed
 

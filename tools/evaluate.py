@@ -47,7 +47,7 @@ from sklearn.neighbors import KNeighborsClassifier
 
 from scgpt_runtime.csr import CsrBlock
 from scgpt_runtime.preprocess import highly_variable_genes
-from scgpt_train.evaluate import annotation_metrics, integration_metrics
+from scgpt_train.metrics import annotation_metrics, integration_metrics
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 LABELLED, UNLABELLED = SHARED / "labelled", SHARED / "unlabelled"

@@ -494,7 +494,7 @@ def test_inspect_with_model_reports_the_gene_match(served_bundle, liao_small, tm
     adata.write_h5ad(file)
     result = run("inspect", file, "--model", served_bundle)
     assert result.exit_code == 4
-    assert "1 of 3 genes (33%)" in result.stderr
+    assert "1 of 3 possible genes (33%)" in result.stderr
     assert ok("inspect", file, "--model", served_bundle, "--min-gene-fraction", 0.3).stdout
 
 

@@ -61,9 +61,20 @@ def test_matching_is_case_sensitive_and_specials_never_match():
 def test_too_few_matches_is_an_error_naming_column_and_examples():
     var = _var(index=["Cd3e", "Lyz2", "Ms4a1", "CD19"])
     with pytest.raises(
-        GeneMatchError, match=r"mouse.h5ad: only 1 of 4 genes \(25%\).*column index.*Cd3e, Lyz2"
+        GeneMatchError,
+        match=r"mouse.h5ad: only 1 of 4 possible genes \(25%\).*column index.*Cd3e, Lyz2",
     ):
         match_genes(var, VOCAB, source="mouse.h5ad")
+
+
+def test_fraction_is_of_the_smaller_gene_set():
+    # a whole-transcriptome file against a small vocabulary: 5 of 5 possible, not 5 of 25
+    names = [*VOCAB.names[:5], *(f"G{i}" for i in range(20))]
+    m = match_genes(_var(index=names), VOCAB, min_fraction=0.9)
+    assert (m.n_matched, m.n_total, m.fraction) == (5, 25, 1.0)
+    # a small panel against the same vocabulary: 2 of 3 possible
+    m = match_genes(_var(index=["CD3E", "LYZ", "XIST"]), VOCAB)
+    assert m.fraction == pytest.approx(2 / 3)
 
 
 def test_unknown_gene_column_lists_the_available_ones():
@@ -74,7 +85,7 @@ def test_unknown_gene_column_lists_the_available_ones():
 
 
 def test_no_genes_at_all_is_an_error():
-    with pytest.raises(GeneMatchError, match="only 0 of 0 genes"):
+    with pytest.raises(GeneMatchError, match="only 0 of 0 possible genes"):
         match_genes(_var(index=[]), VOCAB)
 
 

@@ -8,7 +8,7 @@ import pytest
 from sklearn import metrics as skm
 from sklearn.neighbors import KNeighborsClassifier
 
-from scgpt_train.evaluate import (
+from scgpt_train.metrics import (
     accuracy,
     annotation_metrics,
     ari,

@@ -14,7 +14,6 @@ from click.testing import CliRunner
 
 from scgpt_train.checkpoint import load_run
 from scgpt_train.cli import cli
-from scgpt_train.evaluate import macro_f1
 from scgpt_train.finetune import (
     MISSING,
     AnnotateConfig,
@@ -26,6 +25,7 @@ from scgpt_train.finetune import (
     stratified_split,
 )
 from scgpt_train.integrate import IntegrateConfig, integrate, integration_losses
+from scgpt_train.metrics import macro_f1
 from scgpt_train.model import AdversarialDiscriminator
 
 KANG = "labelled/kang2018_pbmc_counts.h5ad"
