@@ -104,7 +104,8 @@ Examples:
 @click.option(
     "--vocab",
     type=click.Path(exists=True, dir_okay=False),
-    help="vocab.json to use [default: every gene name in the data]",
+    help="vocab.json, or a .h5ad/.h5 file whose genes make the vocabulary "
+    "[default: every gene name in the data]",
 )
 @click.option("--gene-column", help="var column with gene names [default: best match]")
 @click.option("--max-steps", type=int, default=1000, show_default=True)

@@ -45,7 +45,7 @@ class PretrainConfig:
     preset: str = "small"
     model: dict[str, Any] = field(default_factory=dict)  # overrides of the preset's fields
     tokens: dict[str, Any] = field(default_factory=dict)  # overrides of the TokenConfig
-    vocab: str | None = None  # a vocab.json; default: every gene name of the data
+    vocab: str | None = None  # a vocab.json or a data file's genes; default: all of the data
     gene_column: str | None = None
     max_steps: int = 1000
     batch_size: int = 32  # cells per step over all ranks (x grad_accum per optimizer step)
@@ -180,7 +180,7 @@ def pretrain(cfg: PretrainConfig, progress: Callable[..., None] | None = None) -
     d = distributed.setup(cfg.device)
     out = Path(cfg.out)
     paths = [Path(p) for p in cfg.data]
-    vocab = Vocab.from_json(cfg.vocab) if cfg.vocab else build_vocab(paths, cfg.gene_column)
+    vocab = load_vocab(cfg.vocab, paths, cfg.gene_column)
     model_cfg = ModelConfig.from_name(
         cfg.preset, vocab_size=len(vocab), pad_id=vocab.pad_id, **cfg.model
     )
@@ -337,6 +337,15 @@ def evaluate(
         count += float(n)
     model.train()
     return total / max(count, 1.0)
+
+
+def load_vocab(given: str | None, paths: list[Path], gene_column: str | None) -> Vocab:
+    """`given` as a vocab.json, or the genes of `given` as a data file; default: of `paths`."""
+    if given is None:
+        return build_vocab(paths, gene_column)
+    if given.endswith(".json"):
+        return Vocab.from_json(given)
+    return build_vocab([Path(given)], gene_column)
 
 
 def provenance(paths: list[Path]) -> dict[str, Any]:

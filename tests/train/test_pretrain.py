@@ -134,6 +134,21 @@ def test_cli_pretrain_json_and_bad_inputs(shared_data, tmp_path):
     assert "unknown fields in --config: nope" in bad.stderr
 
 
+def test_vocab_from_a_data_file(shared_data, tmp_path):
+    # the Liao files (33,539 genes) trained on Kang's 6,998 genes: a small, PBMC-sized vocabulary
+    liao = "unlabelled/liao2020_balf_GSM4339772_C144_filtered_feature_bc_matrix.h5"
+    run = tmp_path / "small-vocab"
+    result = CliRunner().invoke(cli, [
+        "pretrain", "--data", str(shared_data / liao), "--vocab", str(shared_data / KANG),
+        "--out", str(run), "--max-steps", "1", "--batch-size", "4",
+        "--config", _write(tmp_path, {"tokens": {"max_seq_len": 16}}),
+    ])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    vocab = json.loads((run / "vocab.json").read_text())
+    assert len(vocab) == 6998 + 3
+    assert load_run(run)[1].model.vocab_size == len(vocab)
+
+
 def _write(tmp_path, obj) -> str:
     path = tmp_path / f"cfg{len(list(tmp_path.iterdir()))}.json"
     path.write_text(json.dumps(obj))
