@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -19,7 +18,7 @@ import torch
 
 from scgpt_runtime.bundle import PRECISIONS, Variant, check_target, load_bundle, write_bundle
 from scgpt_runtime.errors import InputError
-from scgpt_train.checkpoint import RunInfo, load_run
+from scgpt_train.checkpoint import RunInfo, command_line, created, load_run
 from scgpt_train.model import MASK_BIAS
 
 from .quantize import to_fp16, to_int8
@@ -181,10 +180,10 @@ def _brief(errors: dict[str, float]) -> str:
 
 def _provenance(run: str | Path, opset: int) -> dict[str, Any]:
     return {
-        "run": str(Path(run).resolve()),
-        "command": " ".join(sys.argv),
+        "run": str(run),
+        "command": command_line(),
         "code_version": version("scgpt-deploy"),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "created": created(),
         "opset": opset,
         "mask_bias": MASK_BIAS,
         "torch": torch.__version__,

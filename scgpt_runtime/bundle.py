@@ -150,6 +150,27 @@ def write_bundle(
     return out
 
 
+def record_evaluation(path: str | Path, entry: Mapping[str, Any]) -> None:
+    """Add `entry` (held-out metrics measured on this bundle) to its config's "evaluation"
+    list, replacing an entry on the same data, filters, labels and precision. config.json is
+    rewritten atomically; the graphs and their checksums are untouched."""
+    bundle = load_bundle(path)
+    key = ("data", "where", "label_key", "precision")
+    kept = [e for e in bundle.config.get("evaluation", [])
+            if any(e.get(k) != entry.get(k) for k in key)]  # fmt: skip
+    config = {**bundle.config, "evaluation": [*kept, dict(entry)]}
+    target = bundle.path / CONFIG_FILE
+    fd, tmp = tempfile.mkstemp(dir=bundle.path, prefix=f".{CONFIG_FILE}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(config, indent=2, allow_nan=False) + "\n")
+        Path(tmp).chmod(target.stat().st_mode & 0o777)
+        Path(tmp).replace(target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def load_bundle(path: str | Path, *, verify: bool = True) -> Bundle:
     """Read and check a bundle: format, version, files present, sha256 of every file (unless
     verify=False), vocabulary and config. Raises BundleError naming the problem and the file."""

@@ -15,7 +15,7 @@ from . import outputs, pipeline
 from .bundle import PRECISIONS
 from .errors import ScgptError
 from .inspection import inspect as inspect_file
-from .model import bundle_info, default_bundle
+from .model import bundle_info, bundle_or_default
 from .session import DEVICES
 
 log = logging.getLogger("scgpt_runtime")
@@ -121,7 +121,8 @@ def gene_fraction_option(f: Callable) -> Callable:
         type=click.FloatRange(0, 1),
         default=0.5,
         show_default=True,
-        help="Fail when fewer of the file's genes are in the model vocabulary.",
+        help="Fail when fewer of the possible genes (of the file or of the vocabulary, "
+        "whichever has fewer) match.",
     )(f)
 
 
@@ -193,8 +194,6 @@ def _serve(
     **options,
 ) -> None:
     """Checks of the options, the library call, and what goes to stdout."""
-    if bundle is None and default_bundle() is None:
-        raise click.UsageError("no model bundle: pass --model BUNDLE (made by scgpt-train export)")
     try:
         if shard is not None:
             pipeline.Shard.parse(shard)
@@ -339,15 +338,17 @@ def embed(
 @cli.command(
     epilog="""\b
 Examples:
+  scgpt-run info
   scgpt-run info bundles/pbmc
   scgpt-run info bundles/pbmc --json"""
 )
-@click.argument("bundle", type=click.Path(path_type=str))
+@click.argument("bundle", required=False, type=click.Path(path_type=str))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
-def info(bundle: str, as_json: bool) -> None:
-    """Describe the model bundle BUNDLE: size, vocabulary, labels, graphs and their errors
-    against PyTorch measured at export, validation and provenance. Checks every checksum."""
-    report = bundle_info(bundle)
+def info(bundle: str | None, as_json: bool) -> None:
+    """Describe the model bundle BUNDLE (default: the default model): size, vocabulary, labels,
+    graphs and their errors against PyTorch measured at export, validation, provenance and
+    held-out metrics. Checks every checksum."""
+    report = bundle_info(bundle_or_default(bundle))
     if as_json:
         click.echo(json.dumps(report))
         return
@@ -382,6 +383,12 @@ def info(bundle: str, as_json: bool) -> None:
     export = report["provenance"].get("export", {})
     if export:
         click.echo(f"exported:       {export.get('created')} from {export.get('run')}")
+    for e in report["evaluation"]:
+        where = f" where {' '.join(e['where'])}" if e["where"] else ""
+        click.echo(
+            f"evaluated:      macro-F1 {e['macro_f1']}, accuracy {e['accuracy']} on "
+            f"{e['n_cells']} cells of {', '.join(e['data'])}{where} ({e['precision']})"
+        )
 
 
 @cli.command(

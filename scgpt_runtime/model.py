@@ -48,9 +48,21 @@ CPU_ATTENTION_BYTES = 64 << 20
 
 
 def default_bundle() -> Path | None:
-    """The bundle used when none is given. None for now: a later release ships a default model
-    inside the package and returns its path here, the one place that knows it."""
-    return None
+    """The bundle used when none is given: the default model shipped inside this package
+    (docs/default-model.md); None where the package was installed without it."""
+    path = Path(__file__).parent / "default_model"
+    return path if (path / CONFIG_FILE).is_file() else None
+
+
+def bundle_or_default(bundle: str | Path | None) -> str | Path:
+    """`bundle`, or the default model when None; BundleError where there is none."""
+    if bundle is None:
+        bundle = default_bundle()
+        if bundle is None:
+            raise BundleError(
+                "no model bundle given and no default model installed: pass --model BUNDLE"
+            )
+    return bundle
 
 
 def choose_precision(bundle: Bundle, device: str, precision: str = "auto") -> str:
@@ -136,10 +148,7 @@ class Model:
         Raises BundleError (missing, damaged, wrong version, no such precision) and
         DeviceError (device "cuda" where the CUDA provider does not start).
         """
-        if bundle is None:
-            bundle = default_bundle()
-            if bundle is None:
-                raise BundleError("no model bundle given (pass a bundle directory, --model)")
+        bundle = bundle_or_default(bundle)
         if device not in DEVICES:
             raise ValueError(f"device must be one of {DEVICES}, not {device!r}")
         b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle, verify=verify)
@@ -498,6 +507,7 @@ def bundle_info(path: str | Path, *, verify: bool = True) -> dict:
         ],
         "validation": b.config.get("validation", {}),
         "provenance": b.config.get("provenance", {}),
+        "evaluation": b.config.get("evaluation", []),
     }
 
 

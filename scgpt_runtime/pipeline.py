@@ -33,7 +33,7 @@ from .errors import BundleError, GeneMatchError, OutputError
 from .genes import GeneMatch, match_genes
 from .io import open_counts
 from .io.base import CountMatrix
-from .model import Model, default_bundle
+from .model import Model, bundle_or_default
 from .outputs import Result
 from .tokens import TokenBlock, tokenize
 
@@ -293,7 +293,7 @@ def serve(
     with open_counts(file, layer=layer, use_raw=use_raw, genome=genome) as counts:
         if kind == "inplace" and counts.format != "h5ad":
             raise OutputError(f"{file}: is a {counts.format} file; --inplace needs an .h5ad file")
-        bundle = load_bundle(_bundle_path(model))
+        bundle = load_bundle(bundle_or_default(model))
         if command == "annotate" and not bundle.labels:
             raise BundleError(f"{bundle.path}: the model has no cell-type head; use embed")
         match = match_bundle_genes(
@@ -362,12 +362,6 @@ def serve(
         )
     return summary
 
-
-def _bundle_path(model: str | Path | None) -> str | Path:
-    model = model if model is not None else default_bundle()
-    if model is None:
-        raise BundleError("no model bundle given: pass --model BUNDLE")
-    return model
 
 
 def _settings(command, file, counts, model, match, options) -> dict[str, Any]:

@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -139,6 +142,17 @@ def load_checkpoint(
     optimizer.load_state_dict(_unflatten_optimizer(tensors, state.pop("optimizer")))
     torch.set_rng_state(_load_tensors(ckpt / "rng.safetensors")["torch"])
     return state
+
+
+def created() -> str:
+    """Now in UTC (ISO 8601), or SOURCE_DATE_EPOCH's time when set (reproducible builds)."""
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(int(epoch) if epoch else None))
+
+
+def command_line() -> str:
+    """This process's command line, the program by name only (no machine-specific path)."""
+    return " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
 
 
 def sha256_file(path: Path) -> str:

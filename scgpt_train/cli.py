@@ -342,14 +342,32 @@ Examples:
   scgpt-train evaluate --from runs/pre --data kang.h5ad --where condition=stimulated \\
       --reference kang.h5ad --reference-where condition=control --label-key cell_type
   scgpt-train evaluate --from runs/kang-int --data kang.h5ad --label-key cell_type \\
-      --batch-key condition --json"""
+      --batch-key condition --json
+  scgpt-train evaluate --bundle bundles/pbmc --data kang.h5ad --label-key cell_type \\
+      --where condition=stimulated --record"""
 )
 @click.option(
     "--from",
     "run",
-    required=True,
     type=click.Path(exists=True, file_okay=False),
-    help="Run directory to evaluate.",
+    help="Run directory to evaluate (PyTorch).",
+)
+@click.option(
+    "--bundle",
+    type=click.Path(exists=True, file_okay=False),
+    help="Or a model bundle: its cell-type head as scgpt-run serves it (onnxruntime, CPU).",
+)
+@click.option(
+    "--precision",
+    type=click.Choice(["auto", "fp32", "fp16", "int8"]),
+    default="auto",
+    show_default=True,
+    help="With --bundle: the graphs to run (auto: int8 if the bundle has it, else fp32).",
+)
+@click.option(
+    "--record",
+    is_flag=True,
+    help="With --bundle: store the metrics in the bundle's config.json (its model card data).",
 )
 @click.option("--data", multiple=True, required=True, help="Labelled cells; repeatable.")
 @click.option("--label-key", required=True, help="obs column with the true labels.")
@@ -374,12 +392,14 @@ Examples:
 @click.option("--json", "as_json", is_flag=True, help="Print all metrics as JSON.")
 def evaluate(data: tuple[str, ...], reference: tuple[str, ...], as_json: bool,
              **options: Any) -> None:  # fmt: skip
-    """Score a run on labelled cells: classifier, kNN transfer, integration.
+    """Score a run or a bundle on labelled cells: classifier, kNN transfer, integration.
 
     With a classifier head: accuracy, macro-F1, per-class F1 and confusion matrix of its
     predictions. With --reference: the same for labels transferred by k nearest neighbours on
     L2-normalised cell embeddings (any run, no fine-tuning). With --batch-key: NMI and ARI of
     k-means clusters, label and batch silhouettes, graph connectivity, AvgBIO and AvgBATCH.
+    With --bundle instead of --from: the classifier metrics of the exported graphs, exactly as
+    scgpt-run annotate predicts; --record keeps them in the bundle.
     """
     try:
         cfg = EvaluateConfig(data=expand_data(data),

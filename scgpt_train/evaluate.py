@@ -12,14 +12,25 @@ import numpy as np
 from scgpt_runtime.errors import InputError
 from scgpt_runtime.io.write import atomic_path
 
-from .metrics import VOTES, annotation_metrics, integration_metrics, knn_transfer, l2_normalize
+from .checkpoint import created, sha256_file
+from .metrics import (
+    VOTES,
+    annotation_metrics,
+    decide,
+    integration_metrics,
+    knn_transfer,
+    l2_normalize,
+)
 
 
 @dataclass
 class EvaluateConfig:
-    run: str
     data: list[str]
     label_key: str
+    run: str | None = None  # a run directory (PyTorch) ...
+    bundle: str | None = None  # ... or a model bundle, served by the runtime
+    precision: str = "auto"  # of the bundle's graphs
+    record: bool = False  # store the bundle's metrics in its config.json
     where: tuple[str, ...] = ()
     batch_key: str | None = None  # integration metrics; needed to embed with a DSBN model
     reference: list[str] = field(default_factory=list)  # labelled files for kNN transfer
@@ -36,9 +47,64 @@ class EvaluateConfig:
             raise ValueError(f"vote must be one of {VOTES}, not {self.vote!r}")
         if self.k < 1:
             raise ValueError(f"k must be at least 1, got {self.k}")
+        if (self.run is None) == (self.bundle is None):
+            raise ValueError("give either --from RUN or --bundle BUNDLE")
+        if self.bundle is None and self.record:
+            raise ValueError("--record stores metrics in a bundle: it needs --bundle")
+        if self.bundle is not None and (self.reference or self.batch_key):
+            raise ValueError("--bundle scores the cell-type head; --reference and --batch-key "
+                             "need --from RUN")  # fmt: skip
 
 
 def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
+    """Score a run or a bundle (see evaluate_bundle) on labelled cells."""
+    return evaluate_bundle(cfg) if cfg.bundle else evaluate_run(cfg)
+
+
+def evaluate_bundle(cfg: EvaluateConfig) -> dict[str, Any]:
+    """Score a bundle's cell-type head as `scgpt-run annotate` serves it (onnxruntime, CPU);
+    with cfg.record the metrics go into the bundle's config.json ("evaluation")."""
+    from scgpt_runtime import Model
+    from scgpt_runtime.bundle import record_evaluation
+    from scgpt_runtime.io import open_counts
+
+    from .finetune import obs_strings, parse_where, selected
+
+    model = Model.load(cfg.bundle, device="cpu", precision=cfg.precision)
+    truth, pred, names, conf = [], [], [], []
+    for path in cfg.data:
+        with open_counts(path) as counts:
+            keep = selected(counts, parse_where(cfg.where))
+            labels = obs_strings(counts.read_obs(cfg.label_key))
+        ann = model.annotate(path, gene_column=cfg.gene_column)
+        out = decide(ann.labels, ann.class_probs[keep], cfg.unknown_threshold)
+        truth.append(labels[keep])
+        pred.append(out.predicted_labels)
+        names.append(ann.obs_names[keep])
+        conf.append(out.conf_score)
+    truth_all, pred_all = np.concatenate(truth), np.concatenate(pred)
+    labelled = np.array([v is not None for v in truth_all.tolist()])
+    metrics = annotation_metrics(truth_all[labelled].astype(str), pred_all[labelled])
+    res = {"bundle": cfg.bundle, "precision": model.precision,
+           "execution_provider": model.provider, "n_cells": len(truth_all),
+           "n_unlabelled": int((~labelled).sum()), "classifier": metrics}  # fmt: skip
+    if cfg.predictions:
+        per_cell = {"predicted_labels": pred_all, "conf_score": np.concatenate(conf)}
+        _write_predictions(Path(cfg.predictions), np.concatenate(names), truth_all, per_cell)
+    if cfg.record:
+        record_evaluation(cfg.bundle, {
+            "data": [Path(p).name for p in cfg.data],
+            "data_sha256": [sha256_file(Path(p)) for p in cfg.data],
+            "where": list(cfg.where), "label_key": cfg.label_key,
+            "precision": model.precision, "execution_provider": model.provider,
+            "n_cells": metrics["n_cells"], "accuracy": metrics["accuracy"],
+            "macro_f1": metrics["macro_f1"], "per_class_f1": metrics["per_class_f1"],
+            "created": created(),
+        })  # fmt: skip
+    return res
+
+
+def evaluate_run(cfg: EvaluateConfig) -> dict[str, Any]:
     """Score a run on labelled cells: its classifier (if it has one), kNN transfer from
     `reference` (if given) and integration metrics on L2-normalised embeddings (with a batch
     key). Returns a JSON-ready dict."""

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from scgpt_runtime.errors import InputError
-from scgpt_runtime.io import open_counts
+from scgpt_runtime.io import CountMatrix, open_counts
 from scgpt_runtime.tokens import TokenBlock, TokenConfig
 from scgpt_runtime.vocab import Vocab
 
@@ -66,7 +66,7 @@ def parse_where(where: tuple[str, ...] | list[str]) -> list[tuple[str, str]]:
     return out
 
 
-def _names(values: np.ndarray) -> np.ndarray:
+def obs_strings(values: np.ndarray) -> np.ndarray:
     """obs values as str objects; None, NaN and "" are missing (None); 3.0 -> "3"."""
     out = np.empty(len(values), dtype=object)
     for i, v in enumerate(values.tolist()):
@@ -77,6 +77,18 @@ def _names(values: np.ndarray) -> np.ndarray:
         else:
             out[i] = str(v)
     return out
+
+
+def selected(counts: CountMatrix, filters: list[tuple[str, str]]) -> np.ndarray:
+    """(n_cells,) bool: the cells whose obs COL equals VALUE for every (COL, VALUE) filter."""
+    keep = np.ones(counts.n_cells, dtype=bool)
+    for col, value in filters:
+        found = obs_strings(counts.read_obs(col))
+        keep &= found == value
+        if not (found == value).any():
+            seen = ", ".join(sorted({str(v) for v in found})[:10])
+            raise InputError(f"{counts.path}: no cell has {col} == {value!r} (values: {seen})")
+    return keep
 
 
 def load_cells(
@@ -92,19 +104,11 @@ def load_cells(
     parts, names, labels, batches = [], [], [], []
     for source in sources:
         with open_counts(source.path) as counts:
-            keep = np.ones(counts.n_cells, dtype=bool)
-            for col, value in filters:
-                found = _names(counts.read_obs(col))
-                keep &= found == value
-                if not (found == value).any():
-                    seen = ", ".join(sorted({str(v) for v in found})[:10])
-                    raise InputError(
-                        f"{source.path}: no cell has {col} == {value!r} (values: {seen})"
-                    )
+            keep = selected(counts, filters)
             if label_key:
-                labels.append(_names(counts.read_obs(label_key))[keep])
+                labels.append(obs_strings(counts.read_obs(label_key))[keep])
             if batch_key:
-                batches.append(_names(counts.read_obs(batch_key))[keep])
+                batches.append(obs_strings(counts.read_obs(batch_key))[keep])
             names.append(np.asarray(counts.obs_names).astype(str)[keep])
         if not keep.any():
             raise InputError(f"{source.path}: no cell passes --where {' '.join(where)}")

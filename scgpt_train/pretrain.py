@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -29,7 +28,15 @@ from scgpt_runtime.tokens import TokenBlock, TokenConfig
 from scgpt_runtime.vocab import Vocab
 
 from . import distributed
-from .checkpoint import RunInfo, load_checkpoint, save_checkpoint, save_run, write_json
+from .checkpoint import (
+    RunInfo,
+    command_line,
+    created,
+    load_checkpoint,
+    save_checkpoint,
+    save_run,
+    write_json,
+)
 from .data import CellStream, Position, build_vocab, open_sources, take, validation_cells
 from .model import ModelConfig, ScGPT
 
@@ -352,7 +359,7 @@ def provenance(paths: list[Path]) -> dict[str, Any]:
     """What the run was trained on and with: files, command line, code version, time."""
     return {
         "data": [{"file": str(p), "bytes": p.stat().st_size} for p in paths],
-        "command": " ".join(sys.argv),
+        "command": command_line(),
         "code_version": version("scgpt-deploy"),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "created": created(),
     }

@@ -49,4 +49,8 @@ def test_readme_starts_with_the_two_newcomer_commands():
     block = re.search(r"```bash\n(.*?)```", README, re.S).group(1).strip().splitlines()
     assert len(block) == 2
     assert block[0].startswith("pip install")
+    # the main job on what ships: the default model, a sample the command fetches itself
+    assert "scgpt-run annotate" in block[0]
+    assert "--model" not in block[0]
+    assert "../shared" not in block[0]
     assert "pytest" in block[1]

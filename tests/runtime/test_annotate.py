@@ -406,7 +406,6 @@ def test_bad_input_is_one_line_and_its_exit_code(
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["annotate", "{file}"], "no model bundle: pass --model"),
         (["annotate", "{file}", "--model", "{bundle}", "--shard", "3/2"], "need 1 <= I <= N"),
         (["annotate", "{file}", "--model", "{bundle}", "--shard", "x"], "shard must look like I/N"),
         (

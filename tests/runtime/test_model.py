@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
+import scgpt_runtime.model as model_module
 from scgpt_runtime import Model
 from scgpt_runtime.bundle import load_bundle, write_bundle
 from scgpt_runtime.errors import BundleError, GeneMatchError, InputError
 from scgpt_runtime.genes import match_genes
 from scgpt_runtime.io import open_counts
-from scgpt_runtime.model import choose_precision, default_bundle
+from scgpt_runtime.model import choose_precision
 from scgpt_runtime.session import DeviceError, Runner, open_session
 from scgpt_runtime.tokens import tokenize
 
@@ -242,9 +243,9 @@ def test_gene_panel_restricts_the_genes_used(served_bundle, fp32, kang, tmp_path
     np.testing.assert_array_equal(ann.embedding, restricted)
 
 
-def test_load_errors(served_bundle, tmp_path):
-    assert default_bundle() is None
-    with pytest.raises(BundleError, match="no model bundle given"):
+def test_load_errors(served_bundle, tmp_path, monkeypatch):
+    monkeypatch.setattr(model_module, "default_bundle", lambda: None)  # a package without it
+    with pytest.raises(BundleError, match="no model bundle given and no default model"):
         Model.load()
     with pytest.raises(BundleError, match="no such directory"):
         Model.load(tmp_path / "nope")

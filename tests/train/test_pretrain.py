@@ -186,4 +186,4 @@ def test_data_without_usable_genes_is_a_gene_match_error(shared_data, tmp_path):
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 4
     (line,) = result.stderr.strip().splitlines()
-    assert f"{shared_data / MOUSE}: only 0 of 3000 genes (0%) match the model vocabulary" in line
+    assert f"{shared_data / MOUSE}: only 0 of 2 possible genes (0%) match the model" in line
