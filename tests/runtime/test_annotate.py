@@ -480,6 +480,38 @@ def test_info(served_bundle, served_run):
     assert missing.exit_code == 5
 
 
+def test_evaluate_bundle_records_what_annotate_predicts(served_bundle, kang_small, tmp_path):
+    from scgpt_train.cli import cli as train_cli
+    from scgpt_train.metrics import annotation_metrics
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(served_bundle, bundle)
+    graphs = {p.name: sha256(p) for p in bundle.glob("*.onnx")}
+    args = ["evaluate", "--bundle", str(bundle), "--data", str(kang_small),
+            "--label-key", "cell_type", "--precision", "int8", "--json"]  # fmt: skip
+    for _ in range(2):  # recording twice replaces the entry
+        result = CliRunner().invoke(train_cli, [*args, "--record"])
+        assert result.exit_code == 0, result.output
+    reported = json.loads(result.stdout)["classifier"]
+    ok("annotate", kang_small, "--model", bundle, "--precision", "int8", "--out",
+       tmp_path / "labels.csv")  # fmt: skip
+    predicted = [r["predicted_labels"] for r in read_table(tmp_path / "labels.csv")]
+    truth = ad.read_h5ad(kang_small).obs["cell_type"].astype(str).to_numpy()
+    expected = annotation_metrics(truth, np.array(predicted))
+    assert reported["macro_f1"] == expected["macro_f1"]
+    (entry,) = json.loads((bundle / "config.json").read_text())["evaluation"]
+    assert entry["precision"] == "int8"
+    assert (entry["macro_f1"], entry["accuracy"]) == (expected["macro_f1"], expected["accuracy"])
+    assert entry["data"] == [kang_small.name]
+    assert {p.name: sha256(p) for p in bundle.glob("*.onnx")} == graphs
+    assert f"evaluated:      macro-F1 {entry['macro_f1']}" in ok("info", bundle).stdout
+    misuse = CliRunner().invoke(train_cli, ["evaluate", "--from", str(bundle), "--data",
+                                            str(kang_small), "--label-key", "cell_type",
+                                            "--record"])  # fmt: skip
+    assert misuse.exit_code == 2
+    assert "--record stores metrics in a bundle" in misuse.stderr
+
+
 def test_inspect_with_model_reports_the_gene_match(served_bundle, liao_small, tmp_path):
     report = json.loads(ok("inspect", liao_small, "--model", served_bundle, "--json").stdout)
     match = report["gene_match"]
