@@ -89,10 +89,13 @@ class Bundle:
 
 
 def check_target(out: str | Path, overwrite: bool) -> Path:
-    """`out` as a Path if a bundle may be written there; OutputError otherwise."""
+    """`out` as a Path if a bundle may be written there (its folder made if needed);
+    OutputError otherwise."""
     out = Path(out)
-    if not out.parent.is_dir():
-        raise OutputError(f"{out}: folder {out.parent} does not exist")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)  # as run directories are made
+    except OSError as e:
+        raise OutputError(f"{out}: cannot make its folder {out.parent} ({e.strerror})") from e
     if not out.exists() and not out.is_symlink():
         return out
     if not overwrite:

@@ -201,7 +201,8 @@ def start_options(f: Any) -> Any:
                      help="JSON with any of these settings (and 'model'/'tokens' overrides); "
                      "options given here win."),
         click.option("--gene-column", help="var column with gene names [default: best match]"),
-        click.option("--epochs", type=int, default=None, help="Passes over the training cells."),
+        click.option("--epochs", type=int, default=None,
+                     help="Passes over the training cells [default: annotate 10, integrate 15]."),
         click.option("--batch-size", type=int, default=32, show_default=True),
         click.option("--lr", type=float, default=1e-4, show_default=True),
         click.option("--lr-decay", type=float, default=0.9, show_default=True,
