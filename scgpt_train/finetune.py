@@ -225,6 +225,17 @@ def start_from(
     return Start(vocab, TokenConfig(**{**defaults, **tokens}), cfg.to_dict())
 
 
+def run_provenance(data: list[str], start: Start, report: LoadReport) -> dict[str, Any]:
+    """A fine-tuned run's record: its data and command, and the start run's own record (so a
+    bundle names the pretraining data too) with what was loaded from it."""
+    return {
+        **provenance([Path(p) for p in data]),
+        "from_run": start.source,
+        "from_run_provenance": None if start.info is None else start.info.provenance,
+        "load_report": asdict(report),
+    }
+
+
 def build_model(
     start: Start, heads: dict[str, Any], labels: list[str] | None, batches: list[str] | None,
     seed: int,
@@ -474,8 +485,7 @@ def annotate(cfg: AnnotateConfig) -> dict[str, Any]:
     info = RunInfo(
         model.cfg, start.tokens, start.vocab, labels=classes, batches=batch_names,
         train=asdict(cfg),
-        provenance={**provenance([Path(p) for p in cfg.data]), "from_run": cfg.from_run,
-                    "load_report": asdict(report)},
+        provenance=run_provenance(cfg.data, start, report),
     )  # fmt: skip
     save_run(out, model.cpu(), info)
     summary = {

@@ -36,11 +36,12 @@ from .finetune import (
     load_cells,
     minibatches,
     parse_where,
+    run_provenance,
     start_from,
 )
 from .model import ScGPT
 from .objectives import cross_entropy, ecs_loss, masked_mse
-from .pretrain import MASK_VALUE, provenance, step_seed
+from .pretrain import MASK_VALUE, step_seed
 
 log = logging.getLogger(__name__)
 
@@ -180,8 +181,7 @@ def integrate(cfg: IntegrateConfig) -> dict[str, Any]:
     info = RunInfo(
         model.cfg, start.tokens, start.vocab, labels=labels, batches=batch_names,
         train=asdict(cfg),
-        provenance={**provenance([Path(p) for p in cfg.data]), "from_run": cfg.from_run,
-                    "load_report": asdict(report)},
+        provenance=run_provenance(cfg.data, start, report),
     )  # fmt: skip
     save_run(out, model.cpu(), info)
     summary = {"out": str(out), "n_cells": len(rows), "batches": batch_names,
