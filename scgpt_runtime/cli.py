@@ -111,7 +111,8 @@ def model_option(f: Callable) -> Callable:
         "--model",
         "bundle",
         type=click.Path(path_type=str),
-        help="Model bundle directory (scgpt-train export).",
+        help="Model bundle directory (scgpt-train export) [default: the default model, "
+        "docs/default-model.md]",
     )(f)
 
 
@@ -236,6 +237,7 @@ def _serve(
 @cli.command(
     epilog="""\b
 Examples:
+  scgpt-run annotate pbmc.h5ad --out pbmc_scgpt.h5ad              # the default model
   scgpt-run annotate pbmc.h5ad --model bundles/pbmc --out pbmc_scgpt.h5ad
   scgpt-run annotate pbmc.h5ad --model bundles/pbmc --out labels.csv --top-k 3
   scgpt-run annotate pbmc.h5ad --model bundles/pbmc --inplace --prefix scgpt_

@@ -1,0 +1,60 @@
+"""The default model shipped in the package: present, intact, within its size budget, trained
+on what its card says, and reproducing on a fresh run the held-out figures recorded in it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from scgpt_runtime.bundle import load_bundle
+from scgpt_runtime.model import default_bundle
+
+ROOT = Path(__file__).resolve().parents[2]
+KANG_TYPES = ["B", "CD14+Mono", "CD4T", "CD8T", "Dendritic", "FCGR3A+Mono", "NK"]
+
+
+def test_default_model_is_installed_intact_and_small():
+    path = default_bundle()
+    assert path is not None
+    bundle = load_bundle(path)  # checks every sha256
+    assert sum(f.stat().st_size for f in path.iterdir()) <= 25_000_000
+    assert bundle.labels == KANG_TYPES
+    assert bundle.precisions == ["fp32", "fp16"]
+    finetuning = bundle.config["provenance"]["training"]
+    pretraining = finetuning["from_run_provenance"]
+    assert [Path(d["file"]).name for d in finetuning["data"]] == ["kang2018_pbmc_counts.h5ad"]
+    assert "--where condition=control" in finetuning["command"]
+    # the quickstart sample and the file holding the held-out cells stay out of pretraining
+    assert sorted(Path(d["file"]).name for d in pretraining["data"]) == [
+        "harmony_kang2018_ctrl_stim_2000.h5ad",
+        "liao2020_balf_GSM4339772_C144_filtered_feature_bc_matrix.h5",
+        "liao2020_balf_GSM4339774_C146_filtered_feature_bc_matrix.h5",
+        "liao2020_balf_GSM4475052_C149_filtered_feature_bc_matrix.h5",
+        "scvi_pbmc_5k_protein_v3_200.h5ad",
+    ]
+    evaluation = {e["precision"]: e for e in bundle.config["evaluation"]}
+    assert sorted(evaluation) == ["fp16", "fp32"]
+    for e in evaluation.values():
+        assert e["where"] == ["condition=stimulated"]
+        assert e["n_cells"] == 1039
+
+
+def test_model_card_quotes_the_recorded_figures():
+    card = (ROOT / "docs" / "default-model.md").read_text()
+    for e in load_bundle(default_bundle()).config["evaluation"]:
+        assert f"{e['macro_f1']:.3f}" in card, e["precision"]
+        assert f"{e['accuracy']:.3f}" in card, e["precision"]
+
+
+def test_a_fresh_run_reproduces_the_recorded_macro_f1(shared_data, tmp_path):
+    # the same script CI runs in a torch-free environment; it exits 1 on any difference
+    kang = shared_data / "labelled" / "kang2018_pbmc_counts.h5ad"
+    script = ROOT / "tools" / "check_default_model.py"
+    result = subprocess.run([sys.executable, script, kang, tmp_path],
+                            capture_output=True, text=True, check=False)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["macro_f1"] == report["recorded_macro_f1"]
+    assert report["stimulated_cells"] == 1039

@@ -1,0 +1,67 @@
+"""Check an installed default model end to end, without torch: `scgpt-run annotate` on the
+Kang PBMC file with no --model on the CPU, the output's columns, and macro-F1 on the stimulated
+cells, which must equal the figure recorded in the bundle (the runtime is deterministic).
+
+Usage: python tools/check_default_model.py KANG_H5AD OUT_DIR   (prints a JSON report; exit 1
+on any mismatch). CI runs it in a virtual environment with the base install only.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from scgpt_runtime.io import open_counts
+from scgpt_runtime.model import bundle_info, default_bundle
+from scgpt_train.metrics import annotation_metrics  # numpy only: no torch
+
+COLUMNS = ("scgpt_predicted_labels", "scgpt_conf_score", "scgpt_n_genes")
+
+
+def check(kang: Path, out_dir: Path) -> dict:
+    out = out_dir / "kang_default_model.h5ad"
+    run = subprocess.run(
+        ["scgpt-run", "annotate", str(kang), "--out", str(out), "--device", "cpu", "--overwrite",
+         "--json"],
+        check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    summary = json.loads(run.stdout)
+    with open_counts(out) as counts:
+        missing = [c for c in COLUMNS if c not in counts.obs_columns]
+        if missing:
+            raise SystemExit(f"{out}: lacks the obs columns {missing}")
+        pred = counts.read_obs("scgpt_predicted_labels").astype(str)
+        truth = counts.read_obs("cell_type").astype(str)
+        stimulated = counts.read_obs("condition").astype(str) == "stimulated"
+    with h5py.File(out) as f:
+        emb = f["obsm/X_scGPT"][:]
+    norms = np.linalg.norm(emb, axis=1)
+    if emb.shape[0] != len(pred) or not np.allclose(norms, 1, atol=1e-5):
+        raise SystemExit(f"{out}: obsm/X_scGPT is not one unit vector per cell")
+    metrics = annotation_metrics(truth[stimulated], pred[stimulated])
+    recorded = [
+        e for e in bundle_info(default_bundle())["evaluation"]
+        if e["precision"] == summary["precision"] and e["where"] == ["condition=stimulated"]
+    ]  # fmt: skip
+    report = {
+        "bundle": str(default_bundle()),
+        "precision": summary["precision"],
+        "execution_provider": summary["execution_provider"],
+        "n_cells": summary["n_cells"],
+        "stimulated_cells": int(stimulated.sum()),
+        "accuracy": metrics["accuracy"],
+        "macro_f1": metrics["macro_f1"],
+        "recorded_macro_f1": recorded[0]["macro_f1"] if recorded else None,
+    }
+    if report["macro_f1"] != report["recorded_macro_f1"]:
+        raise SystemExit(f"macro-F1 differs from the bundle's record: {json.dumps(report)}")
+    return report
+
+
+if __name__ == "__main__":
+    print(json.dumps(check(Path(sys.argv[1]), Path(sys.argv[2]))))
