@@ -68,7 +68,7 @@ def evaluate_bundle(cfg: EvaluateConfig) -> dict[str, Any]:
     from scgpt_runtime.bundle import record_evaluation
     from scgpt_runtime.io import open_counts
 
-    from .finetune import obs_strings, parse_where, selected
+    from .cells import obs_strings, parse_where, selected
 
     model = Model.load(cfg.bundle, device="cpu", precision=cfg.precision)
     truth, pred, names, conf = [], [], [], []
@@ -108,8 +108,9 @@ def evaluate_run(cfg: EvaluateConfig) -> dict[str, Any]:
     """Score a run on labelled cells: its classifier (if it has one), kNN transfer from
     `reference` (if given) and integration metrics on L2-normalised embeddings (with a batch
     key). Returns a JSON-ready dict."""
+    from .cells import load_cells
     from .checkpoint import load_run  # torch is needed here only: the metrics above stay numpy
-    from .finetune import embed, load_cells, predict
+    from .finetune import embed, predict
 
     model, info = load_run(cfg.run)
     if info.model.n_cls == 0 and not cfg.reference and cfg.batch_key is None:

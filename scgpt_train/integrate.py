@@ -25,20 +25,10 @@ import torch
 
 from scgpt_runtime.errors import InputError
 
+from .cells import MISSING, codes_of, load_cells, minibatches, parse_where
 from .checkpoint import RunInfo, save_run, write_json
 from .distributed import resolve_device
-from .finetune import (
-    MISSING,
-    batch_inputs,
-    build_model,
-    codes_of,
-    codes_tensor,
-    load_cells,
-    minibatches,
-    parse_where,
-    run_provenance,
-    start_from,
-)
+from .finetune import batch_inputs, build_model, codes_tensor, run_provenance, start_from
 from .model import ScGPT
 from .objectives import cross_entropy, ecs_loss, masked_mse
 from .pretrain import MASK_VALUE, step_seed

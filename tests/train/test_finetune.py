@@ -12,18 +12,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from scgpt_train.cells import MISSING, load_cells, minibatches, stratified_split
 from scgpt_train.checkpoint import load_run
 from scgpt_train.cli import cli
-from scgpt_train.finetune import (
-    MISSING,
-    AnnotateConfig,
-    annotate,
-    annotation_loss,
-    load_cells,
-    minibatches,
-    predict,
-    stratified_split,
-)
+from scgpt_train.finetune import AnnotateConfig, annotate, annotation_loss, predict
 from scgpt_train.integrate import IntegrateConfig, integrate, integration_losses
 from scgpt_train.metrics import macro_f1
 from scgpt_train.model import AdversarialDiscriminator
