@@ -14,8 +14,9 @@ import click
 from . import outputs, pipeline
 from .bundle import PRECISIONS
 from .errors import ScgptError
+from .inspection import bundle_info
 from .inspection import inspect as inspect_file
-from .model import bundle_info, bundle_or_default
+from .model import bundle_or_default
 from .session import DEVICES
 
 log = logging.getLogger("scgpt_runtime")

@@ -1,13 +1,16 @@
-"""`scgpt-run inspect`: what a data file holds and which matrix the model would read."""
+"""`scgpt-run inspect` and `info`: what a data file holds and which matrix the model would read;
+what a model bundle is."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
+from .bundle import CONFIG_FILE, load_bundle
 from .errors import InputError
 from .genes import default_gene_column
 from .io import open_counts
@@ -63,3 +66,57 @@ def inspect(
             "gene_column": gene_column or default_gene_column(counts.var),
             "obs_columns": counts.obs_columns[:N_OBS_COLUMNS],
         }
+
+
+def bundle_info(path: str | Path, *, verify: bool = True) -> dict:
+    """What a bundle is: model size, vocabulary, labels, graphs with the errors measured at
+    export, validation and provenance (`scgpt-run info`). Raises BundleError."""
+    b = load_bundle(path, verify=verify)
+    m = b.config["model"]
+    return {
+        "bundle": str(b.path),
+        "format_version": b.config["format_version"],
+        "bundle_sha256": hashlib.sha256((b.path / CONFIG_FILE).read_bytes()).hexdigest(),
+        "parameters": graph_parameters(m),
+        "model": {
+            k: m[k] for k in ("d_model", "n_head", "d_hid", "n_layer", "input_emb") if k in m
+        },
+        "vocab_size": len(b.vocab),
+        "gene_panel": None if b.gene_panel is None else len(b.gene_panel),
+        "labels": b.labels or [],
+        "tokens": b.tokens.to_dict(),
+        "variants": [
+            {
+                "precision": v.precision,
+                "max_seq_len": v.max_seq_len,
+                "file": v.path.name,
+                "megabytes": round(v.path.stat().st_size / 1e6, 1),
+                "errors": v.errors,
+                "tolerance": v.tolerance,
+            }
+            for v in sorted(
+                b.variants, key=lambda v: (b.precisions.index(v.precision), v.max_seq_len)
+            )
+        ],
+        "validation": b.config.get("validation", {}),
+        "provenance": b.config.get("provenance", {}),
+        "evaluation": b.config.get("evaluation", []),
+    }
+
+
+def graph_parameters(m: dict) -> int:
+    """Parameters of what a bundle graph computes (gene and value encoders, transformer, the
+    cell-type head), from the `model` record of config.json; the training-only decoders are
+    not in the graphs."""
+    d, d_hid, n_cls = m["d_model"], m["d_hid"], m.get("n_cls", 0)
+    n = m["vocab_size"] * d + 2 * d  # gene embedding + LayerNorm
+    if m.get("input_emb", "continuous") == "continuous":
+        n += 2 * d + d * d + d + 2 * d  # Linear(1, d), Linear(d, d), LayerNorm
+    else:
+        n += (m["n_bins"] + 2) * d + 2 * d  # one row per bin, pad and mask + LayerNorm
+    if m.get("pre_norm_bn"):
+        n += 2 * d
+    n += m["n_layer"] * (3 * d * d + 3 * d + d * d + d + 2 * d * d_hid + d_hid + d + 4 * d)
+    if n_cls:
+        n += (m.get("n_layers_cls", 3) - 1) * (d * d + 3 * d) + d * n_cls + n_cls
+    return int(n)

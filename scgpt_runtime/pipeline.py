@@ -363,7 +363,6 @@ def serve(
     return summary
 
 
-
 def _settings(command, file, counts, model, match, options) -> dict[str, Any]:
     """What the results depend on: recorded in outputs, equal in every shard of a run."""
     return {

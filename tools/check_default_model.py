@@ -16,8 +16,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from scgpt_runtime.inspection import bundle_info
 from scgpt_runtime.io import open_counts
-from scgpt_runtime.model import bundle_info, default_bundle
+from scgpt_runtime.model import default_bundle
 from scgpt_train.metrics import annotation_metrics  # numpy only: no torch
 
 COLUMNS = ("scgpt_predicted_labels", "scgpt_conf_score", "scgpt_n_genes")
