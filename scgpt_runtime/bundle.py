@@ -29,6 +29,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from .errors import BundleError, OutputError
+from .io.write import atomic_path
 from .tokens import TokenConfig
 from .vocab import CLS, PAD, Vocab
 
@@ -64,6 +65,11 @@ class Bundle:
     labels: list[str] | None  # class names in class_probs order; None without a classifier
     gene_panel: list[str] | None  # genes the model was trained on, if restricted to a panel
     variants: list[Variant]
+
+    @property
+    def config_sha256(self) -> str:
+        """sha256 of config.json, which holds the sha256 of every other file: the bundle's id."""
+        return hashlib.sha256((self.path / CONFIG_FILE).read_bytes()).hexdigest()
 
     @property
     def precisions(self) -> list[str]:
@@ -143,7 +149,7 @@ def write_bundle(
         config["files"] = {
             p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in sorted(tmp.iterdir())
         }
-        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, allow_nan=False) + "\n")
+        (tmp / CONFIG_FILE).write_text(_config_text(config))
         for p in tmp.iterdir():
             p.chmod(0o666 & ~umask)  # safetensors and mkstemp make owner-only files
         _replace(tmp, out)
@@ -162,16 +168,8 @@ def record_evaluation(path: str | Path, entry: Mapping[str, Any]) -> None:
     kept = [e for e in bundle.config.get("evaluation", [])
             if any(e.get(k) != entry.get(k) for k in key)]  # fmt: skip
     config = {**bundle.config, "evaluation": [*kept, dict(entry)]}
-    target = bundle.path / CONFIG_FILE
-    fd, tmp = tempfile.mkstemp(dir=bundle.path, prefix=f".{CONFIG_FILE}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(config, indent=2, allow_nan=False) + "\n")
-        Path(tmp).chmod(target.stat().st_mode & 0o777)
-        Path(tmp).replace(target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(bundle.path / CONFIG_FILE) as tmp:
+        tmp.write_text(_config_text(config))
 
 
 def load_bundle(path: str | Path, *, verify: bool = True) -> Bundle:
@@ -234,6 +232,10 @@ def _config(model, tokens, vocab, variants, labels, gene_panel, validation, prov
         "validation": dict(validation or {}),
         "provenance": dict(provenance or {}),
     }
+
+
+def _config_text(config: Mapping[str, Any]) -> str:
+    return json.dumps(config, indent=2, allow_nan=False) + "\n"
 
 
 def _variant_record(v: Variant) -> dict[str, Any]:

@@ -3,14 +3,13 @@ what a model bundle is."""
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-from .bundle import CONFIG_FILE, load_bundle
+from .bundle import load_bundle
 from .errors import InputError
 from .genes import default_gene_column
 from .io import open_counts
@@ -76,7 +75,7 @@ def bundle_info(path: str | Path, *, verify: bool = True) -> dict:
     return {
         "bundle": str(b.path),
         "format_version": b.config["format_version"],
-        "bundle_sha256": hashlib.sha256((b.path / CONFIG_FILE).read_bytes()).hexdigest(),
+        "bundle_sha256": b.config_sha256,
         "parameters": graph_parameters(m),
         "model": {
             k: m[k] for k in ("d_model", "n_head", "d_hid", "n_layer", "input_emb") if k in m

@@ -20,7 +20,6 @@ thread count or the shard split (tests/runtime/test_model.py asserts it bit for 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import threading
@@ -185,7 +184,7 @@ class Model:
     @property
     def bundle_sha256(self) -> str:
         """sha256 of the bundle's config.json, which holds the sha256 of every other file."""
-        return hashlib.sha256((self.bundle.path / CONFIG_FILE).read_bytes()).hexdigest()
+        return self.bundle.config_sha256
 
     def lengths_for(self, n_tokens: np.ndarray) -> dict[int, int]:
         """Graph length -> number of cells of `n_tokens` (<cls> included) it serves."""
