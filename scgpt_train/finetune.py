@@ -83,6 +83,17 @@ class LoadReport:
         )
 
 
+def check_start(cfg: Any) -> None:
+    """The checks every fine-tuning config shares: where it starts, its token settings and its
+    `where` filters (made a tuple). ValueError on the first problem."""
+    cfg.where = tuple(cfg.where)
+    if (cfg.from_run is None) == (not cfg.from_scratch):
+        raise ValueError("give either --from RUN or --from-scratch (with --preset)")
+    if cfg.from_run is not None and cfg.tokens:
+        raise ValueError("token settings apply to --from-scratch: a run keeps its TokenConfig")
+    parse_where(cfg.where)
+
+
 def start_from(
     run: str | None, preset: str, model: dict[str, Any], tokens: dict[str, Any],
     paths: list[str], gene_column: str | None, seed: int,
@@ -252,20 +263,15 @@ class AnnotateConfig:
     device: str = "auto"
 
     def __post_init__(self) -> None:
-        self.where = tuple(self.where)
-        if (self.from_run is None) == (not self.from_scratch):
-            raise ValueError("give either --from RUN or --from-scratch (with --preset)")
+        check_start(self)
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError("epochs and batch size must be at least 1")
         if not 0 <= self.val_fraction < 1:
             raise ValueError(f"val fraction must be in [0, 1), got {self.val_fraction}")
-        if self.from_run is not None and self.tokens:
-            raise ValueError("token settings apply to --from-scratch: a run keeps its TokenConfig")
         if self.freeze not in FREEZE:
             raise ValueError(f"freeze must be one of {FREEZE}, not {self.freeze!r}")
         if self.class_weight not in CLASS_WEIGHTS:
             raise ValueError(f"class weight must be one of {CLASS_WEIGHTS}")
-        parse_where(self.where)
 
 
 def annotation_loss(

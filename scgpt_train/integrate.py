@@ -25,10 +25,17 @@ import torch
 
 from scgpt_runtime.errors import InputError
 
-from .cells import MISSING, codes_of, load_cells, minibatches, parse_where
+from .cells import MISSING, codes_of, load_cells, minibatches
 from .checkpoint import RunInfo, save_run, write_json
 from .distributed import resolve_device
-from .finetune import batch_inputs, build_model, codes_tensor, run_provenance, start_from
+from .finetune import (
+    batch_inputs,
+    build_model,
+    check_start,
+    codes_tensor,
+    run_provenance,
+    start_from,
+)
 from .model import ScGPT
 from .objectives import cross_entropy, ecs_loss, masked_mse
 from .pretrain import MASK_VALUE, step_seed
@@ -65,11 +72,7 @@ class IntegrateConfig:
     device: str = "auto"
 
     def __post_init__(self) -> None:
-        self.where = tuple(self.where)
-        if (self.from_run is None) == (not self.from_scratch):
-            raise ValueError("give either --from RUN or --from-scratch (with --preset)")
-        if self.from_run is not None and self.tokens:
-            raise ValueError("token settings apply to --from-scratch: a run keeps its TokenConfig")
+        check_start(self)
         if self.epochs < 1 or self.batch_size < 2:
             raise ValueError("epochs must be at least 1 and batch size at least 2 (ECS)")
         if not 0 < self.mask_ratio < 1:
@@ -77,7 +80,6 @@ class IntegrateConfig:
         weights = (self.gep_weight, self.gepc_weight, self.ecs_weight, self.dab_weight)
         if min(weights) < 0 or max(weights) == 0:
             raise ValueError("loss weights must be >= 0 and at least one > 0")
-        parse_where(self.where)
 
 
 def mask_values(
