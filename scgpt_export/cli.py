@@ -14,11 +14,11 @@ import logging
 import click
 
 from scgpt_runtime.bundle import PRECISIONS
+from scgpt_runtime.session import PROVIDERS
 from scgpt_train.cli import cli
 
 from .run import export_run
 from .to_onnx import OPSETS
-from .validate import PROVIDERS
 
 
 @cli.command(
@@ -109,8 +109,9 @@ def export(
         return
     for v in summary["variants"]:
         errors = ", ".join(f"{k} {x:.6g}" for k, x in v["errors"].items())
-        seconds = sum(v["seconds"].values())
-        click.echo(f"{v['file']}: {v['bytes'] / 1e6:.1f} MB, {seconds:.1f} s; {errors}")
+        click.echo(f"{v['precision']} at {v['max_seq_len']} tokens: {errors}")
+    for name, size in summary["graphs"].items():
+        click.echo(f"{name}: {size / 1e6:.1f} MB")
     click.echo(f"wrote {summary['bundle']}")
 
 

@@ -16,14 +16,21 @@ import onnx
 import onnxruntime
 import torch
 
-from scgpt_runtime.bundle import PRECISIONS, Variant, check_target, load_bundle, write_bundle
+from scgpt_runtime.bundle import (
+    PRECISIONS,
+    Variant,
+    check_target,
+    load_bundle,
+    write_bundle,
+)
 from scgpt_runtime.errors import InputError
+from scgpt_runtime.session import PROVIDERS
 from scgpt_train.checkpoint import RunInfo, command_line, created, load_run
 from scgpt_train.model import MASK_BIAS
 
 from .quantize import to_fp16, to_int8
-from .to_onnx import export_onnx
-from .validate import PROVIDERS, TOLERANCE, make_cells, read_cells, reference, validate
+from .to_onnx import export_onnx, served_parameters
+from .validate import TOLERANCE, make_cells, read_cells, reference, validate
 
 log = logging.getLogger("scgpt_export")
 
@@ -45,18 +52,18 @@ def export_run(
     """Export the model of run directory `run` as a bundle directory `out`.
 
     Args:
-        max_lens: sequence lengths to export graphs for (tokens per cell, <cls> included); the
-            longest becomes the bundle's max_seq_len. None: the run's max_seq_len.
-        precisions: any of "fp32", "fp16", "int8"; one graph per precision and length.
+        max_lens: the lengths the graphs serve (tokens per cell, <cls> included), each
+            validated; the longest becomes the bundle's max_seq_len. None: the run's.
+        precisions: any of "fp32", "fp16", "int8"; one graph per precision serves every length.
         validation_data: a count file (.h5ad, 10x .h5) whose first `validation_cells` cells
             validate every graph. None: the first training data file of the run that still
             exists; as many synthetic cells only where the run names no training data at all.
         device: "cpu" or "cuda": where onnxruntime runs the graphs for validation.
         opset: ONNX opset, 18 to 20. fuse_attention: fuse attention into MultiHeadAttention.
         batch_size: cells per validation batch. overwrite: replace an existing bundle.
-    Returns a summary: bundle path, per variant its file, bytes, errors and seconds (export of
-    the fp32 graph of its length, conversion to its precision, validation), the validation
-    record, total seconds.
+    Returns a summary: bundle path, the graph files and their bytes, per variant (precision and
+    length) its file and errors, seconds of each step (export, conversions, validations), the
+    validation record, total seconds.
     Raises ToleranceError (a BundleError) where a graph misses its tolerance, InputError where
     the run or its validation data cannot be read; nothing is written then.
     """
@@ -72,7 +79,7 @@ def export_run(
     if lengths[0] < 2:
         raise ValueError(f"sequence lengths must be at least 2 (<cls> and a gene), not {lengths}")
     tokens = replace(info.tokens, max_seq_len=lengths[-1])
-    if info.model.dsbn:
+    if info.model.n_dsbn:
         raise InputError(f"{run}: the model uses DSBN, which needs batch labels: not exportable")
     if info.model.n_cls and not info.labels:
         raise InputError(f"{run}: the model has a cell-type head but the run names no labels")
@@ -83,31 +90,38 @@ def export_run(
     log.info("validating on %s", source or f"{validation_cells} synthetic cells")
 
     scratch = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".export"))
-    variants, timings, full_length = [], {}, {}
     try:
+        t0 = time.perf_counter()
+        fp32 = export_onnx(
+            model, scratch / "fp32.onnx", lengths[-1], opset=opset, fuse_attention=fuse_attention
+        )
+        timings: dict[str, float] = {"export": round(time.perf_counter() - t0, 2)}
+        graphs = {}
+        for precision in precisions:
+            t0 = time.perf_counter()
+            graphs[precision] = _convert(fp32, precision)
+            timings[f"convert_{precision}"] = round(time.perf_counter() - t0, 2)
+        variants, full_length = [], {}
         for length in lengths:
-            cells = make_cells(
+            cells, full_length[str(length)] = make_cells(
                 replace(tokens, max_seq_len=length), info.vocab, real, validation_cells
             )
-            full_length[str(length)] = cells.full_length
             expected = reference(model, cells, batch_size)
-            t0 = time.perf_counter()
-            fp32 = export_onnx(model, scratch / f"fp32-{length}.onnx", length, opset=opset,
-                               fuse_attention=fuse_attention)  # fmt: skip
-            export_s = time.perf_counter() - t0
             for precision in precisions:
                 t0 = time.perf_counter()
-                path = _convert(fp32, precision)
-                t1 = time.perf_counter()
-                errors = validate(path, precision, cells, expected, device=device,
-                                  batch_size=batch_size)  # fmt: skip
-                timings[precision, length] = {
-                    "export": round(export_s, 2),
-                    "convert": round(t1 - t0, 2),
-                    "validate": round(time.perf_counter() - t1, 2),
-                }
-                log.info("%s graph for %d tokens: %s", precision, length, _brief(errors))
-                variants.append(Variant(precision, length, path, errors, TOLERANCE[precision]))
+                errors = validate(
+                    graphs[precision],
+                    precision,
+                    cells,
+                    expected,
+                    device=device,
+                    batch_size=batch_size,
+                )
+                timings[f"validate_{precision}_{length}"] = round(time.perf_counter() - t0, 2)
+                log.info("%s graph at %d tokens: %s", precision, length, _brief(errors))
+                tolerance = TOLERANCE[precision]
+                variants.append(Variant(precision, length, graphs[precision], errors, tolerance))
+        variants.sort(key=lambda v: (precisions.index(v.precision), v.max_seq_len))
         validation = {
             "cells": "real" if source is not None else "synthetic",
             "file": None if source is None else str(source),
@@ -125,25 +139,27 @@ def export_run(
             variants=variants,
             labels=info.labels,
             gene_panel=info.train.get("gene_panel"),
+            parameters=served_parameters(model),
             validation=validation,
             provenance={"training": info.provenance, "export": _provenance(run, opset)},
             overwrite=overwrite,
         )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+    bundle = load_bundle(out, verify=False)
     return {
         "bundle": str(out),
+        "graphs": {p.name: p.stat().st_size for p in sorted({v.path for v in bundle.variants})},
         "variants": [
             {
                 "precision": v.precision,
                 "max_seq_len": v.max_seq_len,
                 "file": v.path.name,
-                "bytes": v.path.stat().st_size,
-                "seconds": timings[v.precision, v.max_seq_len],
                 "errors": v.errors,
             }
-            for v in load_bundle(out, verify=False).variants
+            for v in bundle.variants
         ],
+        "timings": timings,
         "validation": validation,
         "seconds": round(time.perf_counter() - t_start, 2),
     }

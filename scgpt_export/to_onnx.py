@@ -1,11 +1,14 @@
 """ScGPT to ONNX: the inference module a graph is traced from, and the export call.
 
-A graph takes (gene_ids, values, padding_mask) of a fixed length L with a dynamic batch axis and
+A graph takes (gene_ids, values, padding_mask) with a symbolic batch and length axis and
 returns the raw <cls> embedding, its L2-normalised form and, where the model has a cell-type
-head, class probabilities (names from scgpt_runtime.bundle). The padding mask becomes an
-additive attention bias inside the graph; attention is then fused into onnxruntime's
-MultiHeadAttention by onnxscript's ORT fusions: the whole-human model at 1200 tokens ran 1.3x
-faster on two CPU cores (batch 4) fused than unfused.
+head, class probabilities (names from scgpt_runtime.bundle). The runtime feeds it only the
+lengths of the bundle's ladder, each validated at export, padded and masked: the padding mask
+becomes an additive attention bias inside the graph. One graph serving every length holds the
+weights once: whole-human fp32, five lengths loaded, peaked at 449 MB against 1,376 MB for
+five fixed-length graphs, with bit-identical outputs and the same speed (docs/benchmarks.md).
+Attention is fused into onnxruntime's MultiHeadAttention by onnxscript's ORT fusions: the
+whole-human model at 1200 tokens ran 1.3x faster on two CPU cores (batch 4) fused than unfused.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ from onnxscript import ir
 from onnxscript.rewriter.ort_fusions import optimize_for_ort
 from torch import Tensor, nn
 
-from scgpt_runtime.bundle import CELL_EMB, CELL_EMB_NORMALIZED, CLASS_PROBS, INPUTS
+from scgpt_runtime.bundle import CELL_EMB, CELL_EMB_NORMALIZED, CLASS_PROBS
+from scgpt_runtime.tokens import INPUT_NAMES
 from scgpt_train.model import ScGPT
 
 OPSETS = (18, 19, 20)  # onnxruntime runs these on CPU and CUDA
@@ -43,6 +47,15 @@ class CellEncoder(nn.Module):
         return outputs
 
 
+SERVED_PARTS = ("encoder.", "value_encoder.", "bn.", "transformer_encoder.", "cls_decoder.")
+
+
+def served_parameters(model: ScGPT) -> int:
+    """Parameters of what a graph computes (CellEncoder): the input encoders, the transformer
+    and the cell-type head; the training-only decoders are left out."""
+    return sum(p.numel() for n, p in model.named_parameters() if n.startswith(SERVED_PARTS))
+
+
 def output_names(model: ScGPT) -> list[str]:
     """Names of the graph outputs, in order."""
     head = [CLASS_PROBS] if model.cls_decoder is not None else []
@@ -57,9 +70,9 @@ def export_onnx(
     opset: int = 18,
     fuse_attention: bool = True,
 ) -> Path:
-    """Write the fp32 graph of `model` (in eval mode) for `max_seq_len` tokens per cell.
+    """Write the fp32 graph of `model` (in eval mode) for up to `max_seq_len` tokens per cell.
 
-    torch.onnx.export(dynamo=True) traces CellEncoder with a dynamic batch axis; with
+    torch.onnx.export(dynamo=True) traces CellEncoder with dynamic batch and length axes; with
     fuse_attention, onnxscript rewrites attention into com.microsoft MultiHeadAttention (and
     residual + LayerNorm into SkipLayerNormalization). Returns `path`.
     """
@@ -72,20 +85,20 @@ def export_onnx(
         torch.randint(0, cfg.n_bins, (2, max_seq_len), generator=g).float(),  # which torch
         torch.zeros(2, max_seq_len, dtype=torch.bool),  # would specialise
     )
-    batch = torch.export.Dim("batch")
+    axes = {0: torch.export.Dim("batch"), 1: torch.export.Dim("length", min=2, max=max_seq_len)}
     with warnings.catch_warnings():
         # Notes of torch itself, not about this model: a deprecation inside torch.export, and
-        # that the three inputs share one batch axis (as intended).
+        # that the three inputs share their axes (as intended).
         warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
-        warnings.filterwarnings("ignore", message=r".*The axis name: batch will not be used")
+        warnings.filterwarnings("ignore", message=r".*The axis name: \w+ will not be used")
         program = torch.onnx.export(
             CellEncoder(model).eval(),
             example,
-            input_names=list(INPUTS),
+            input_names=list(INPUT_NAMES),
             output_names=output_names(model),
             opset_version=opset,
             dynamo=True,
-            dynamic_shapes={name: {0: batch} for name in INPUTS},
+            dynamic_shapes=dict.fromkeys(INPUT_NAMES, axes),
             external_data=False,
             verbose=False,
         )

@@ -9,11 +9,9 @@ graph misses the tolerance of its precision.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import torch
 import torch.nn.functional as F
 
@@ -22,7 +20,15 @@ from scgpt_runtime.csr import CsrBlock
 from scgpt_runtime.errors import BundleError
 from scgpt_runtime.genes import match_genes
 from scgpt_runtime.io import open_counts
-from scgpt_runtime.tokens import TokenConfig, tokenize
+from scgpt_runtime.session import open_session
+from scgpt_runtime.tokens import (
+    PAD_MASK,
+    TokenBlock,
+    TokenConfig,
+    empty_block,
+    input_specs,
+    tokenize,
+)
 from scgpt_runtime.vocab import SPECIALS, Vocab
 from scgpt_train.model import ScGPT
 
@@ -33,30 +39,10 @@ TOLERANCE: dict[str, dict[str, float]] = {
     "int8": {"min_cosine": 0.99, "top1_agreement": 0.99},
 }
 _LOWER_BOUNDS = ("min_cosine", "top1_agreement")
-PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 
 class ToleranceError(BundleError):
     """An exported graph differs from PyTorch by more than its precision allows."""
-
-
-@dataclass(frozen=True)
-class Cells:
-    """Model inputs of the validation cells at one length: real (or synthetic) cells first,
-    then <cls> alone, then a full-length cell."""
-
-    gene_ids: np.ndarray  # (n, L) int64
-    values: np.ndarray  # (n, L) float32
-    padding_mask: np.ndarray  # (n, L) bool, True = pad
-    full_length: str  # "real" or "synthetic"
-
-    def rows(self, rows: np.ndarray | slice) -> dict[str, np.ndarray]:
-        """Graph inputs of some cells."""
-        return {
-            "gene_ids": self.gene_ids[rows],
-            "values": self.values[rows],
-            "padding_mask": self.padding_mask[rows],
-        }
 
 
 def read_cells(
@@ -75,57 +61,47 @@ def make_cells(
     real: tuple[CsrBlock, np.ndarray] | None,
     n_synthetic: int = 0,
     seed: int = 0,
-) -> Cells:
+) -> tuple[TokenBlock, str]:
     """Validation inputs at tokens.max_seq_len: `real` cells tokenized (or `n_synthetic` random
-    ones), then <cls> alone and a full-length cell."""
+    ones), then <cls> alone and a full-length cell; and whether that one is "real" or
+    "synthetic"."""
     rng = np.random.default_rng(seed)
     L = tokens.max_seq_len
     if real is not None:
-        block = tokenize(real[0], real[1], tokens, vocab.cls_id, vocab.pad_id)
-        ids, values, pad = block.gene_ids, block.values, block.padding_mask
+        cells = tokenize(real[0], real[1], tokens, vocab.cls_id, vocab.pad_id)
     else:
-        ids, values, pad = _synthetic(tokens, vocab, rng.integers(1, L, n_synthetic), rng)
-    full = np.flatnonzero(~pad[:, -1])
-    if full.size:
-        extra = [ids[full[:1]], values[full[:1]], pad[full[:1]]]
-    else:
-        extra = list(_synthetic(tokens, vocab, np.array([L - 1]), rng))
+        cells = _synthetic(tokens, vocab, rng.integers(1, L, n_synthetic), rng)
+    full = np.flatnonzero(cells.n_genes == L - 1)
+    extra = cells.take(full[:1]) if full.size else _synthetic(tokens, vocab, np.array([L - 1]), rng)
     cls_only = _synthetic(tokens, vocab, np.array([0]), rng)
-    return Cells(
-        np.concatenate([ids, cls_only[0], extra[0]]),
-        np.concatenate([values, cls_only[1], extra[1]]),
-        np.concatenate([pad, cls_only[2], extra[2]]),
-        full_length="real" if full.size else "synthetic",
-    )
+    return TokenBlock.concat([cells, cls_only, extra]), "real" if full.size else "synthetic"
 
 
 def _synthetic(
     tokens: TokenConfig, vocab: Vocab, n_genes: np.ndarray, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+) -> TokenBlock:
     """Cells of `n_genes` random genes with random bins, laid out as `tokenize` lays them."""
-    n, L = len(n_genes), tokens.max_seq_len
     genes = np.setdiff1d(np.arange(len(vocab)), [vocab[s] for s in SPECIALS if s in vocab])
-    ids = np.full((n, L), vocab.pad_id, dtype=np.int64)
-    values = np.full((n, L), tokens.pad_value, dtype=np.float32)
-    pad = np.ones((n, L), dtype=bool)
-    ids[:, 0], values[:, 0], pad[:, 0] = vocab.cls_id, tokens.cls_value, False
-    for row, k in enumerate(np.minimum(n_genes, len(genes))):
-        ids[row, 1 : k + 1] = np.sort(rng.choice(genes, size=k, replace=False))
-        values[row, 1 : k + 1] = rng.integers(1, tokens.n_bins, size=k)
-        pad[row, 1 : k + 1] = False
-    return ids, values, pad
+    n_genes = np.minimum(n_genes, len(genes))
+    specs = input_specs(tokens, vocab.cls_id, vocab.pad_id)
+    block = empty_block(specs, len(n_genes), tokens.max_seq_len)
+    for row, k in enumerate(n_genes):
+        block.gene_ids[row, 1 : k + 1] = np.sort(rng.choice(genes, size=k, replace=False))
+        block.values[row, 1 : k + 1] = rng.integers(1, tokens.n_bins, size=k)
+        block.padding_mask[row, 1 : k + 1] = False
+    return TokenBlock(block.inputs, n_genes.astype(np.int64), 0)
 
 
 @torch.no_grad()
-def reference(model: ScGPT, cells: Cells, batch_size: int = 16) -> dict[str, np.ndarray]:
+def reference(model: ScGPT, cells: TokenBlock, batch_size: int = 16) -> dict[str, np.ndarray]:
     """PyTorch outputs for every cell (model in eval mode), computed in batches without the
     columns that are padding in the whole batch: pads must not matter."""
     outputs: dict[str, list[np.ndarray]] = {}
-    for lo in range(0, len(cells.gene_ids), batch_size):
-        batch = cells.rows(slice(lo, lo + batch_size))
-        width = int((~batch["padding_mask"]).sum(axis=1).max())  # pads trail the tokens
-        ids, values, pad = (torch.from_numpy(a[:, :width]) for a in batch.values())
-        cell_emb = model.cell_embedding(ids, values, pad)  # (b, d)
+    for lo in range(0, cells.n_cells, batch_size):
+        batch = cells.take(np.arange(lo, min(lo + batch_size, cells.n_cells)), trim=True)
+        cell_emb = model.cell_embedding(
+            *(torch.from_numpy(a) for a in batch.inputs.values())
+        )  # (b, d)
         got = {CELL_EMB: cell_emb, CELL_EMB_NORMALIZED: F.normalize(cell_emb, dim=-1)}
         if model.cls_decoder is not None:
             got[CLASS_PROBS] = torch.softmax(model.cls_decoder(cell_emb), dim=-1)
@@ -137,36 +113,31 @@ def reference(model: ScGPT, cells: Cells, batch_size: int = 16) -> dict[str, np.
 def validate(
     path: str | Path,
     precision: str,
-    cells: Cells,
+    cells: TokenBlock,
     expected: dict[str, np.ndarray],
     *,
     device: str = "cpu",
     batch_size: int = 16,
 ) -> dict[str, float]:
-    """Errors of the graph at `path` against `expected` (see `reference`): max abs errors of
-    each output, the lowest cosine of cell_emb, top-1 class agreement. Raises ToleranceError
-    where they miss TOLERANCE[precision]."""
+    """Errors of the graph at `path`, in a session as the runtime opens it, on `cells` (one
+    length) against `expected` (see `reference`): max abs errors of each output, the lowest
+    cosine of cell_emb, top-1 class agreement. Raises ToleranceError where they miss
+    TOLERANCE[precision]."""
     session = open_session(path, device)
-    n = len(cells.gene_ids)
+    n = cells.n_cells
     names = [o.name for o in session.get_outputs()]
-    batched = [session.run(None, cells.rows(slice(lo, lo + batch_size)))
-               for lo in range(0, n, batch_size)]  # fmt: skip
+
+    def rows(lo: int, hi: int) -> dict[str, np.ndarray]:
+        return {k: a[lo:hi] for k, a in cells.inputs.items()}
+
+    batched = [session.run(None, rows(lo, lo + batch_size)) for lo in range(0, n, batch_size)]
     singles = [0, n - 2, n - 1]  # the first cell, <cls> alone, the full-length cell
-    batched += [session.run(None, cells.rows(slice(r, r + 1))) for r in singles]
+    batched += [session.run(None, rows(r, r + 1)) for r in singles]
     got = {name: np.concatenate([b[i] for b in batched]) for i, name in enumerate(names)}
     rows = np.r_[np.arange(n), singles]
     errors = _errors(got, {name: value[rows] for name, value in expected.items()})
-    check(f"the {precision} graph for {cells.gene_ids.shape[1]} tokens", precision, errors)
+    check(f"the {precision} graph at {cells.inputs[PAD_MASK].shape[1]} tokens", precision, errors)
     return errors
-
-
-def open_session(path: str | Path, device: str = "cpu") -> ort.InferenceSession:
-    """An onnxruntime session on `device` ("cpu" or "cuda"), refusing a silent CPU fallback."""
-    provider = PROVIDERS[device]
-    session = ort.InferenceSession(str(path), providers=[provider])
-    if session.get_providers()[0] != provider:
-        raise BundleError(f"onnxruntime cannot use {provider} here; validate with --device cpu")
-    return session
 
 
 def check(graph: str, precision: str, errors: dict[str, float]) -> None:
@@ -188,8 +159,9 @@ def check(graph: str, precision: str, errors: dict[str, float]) -> None:
 def _errors(got: dict[str, np.ndarray], expected: dict[str, np.ndarray]) -> dict[str, float]:
     errors = {f"{name}_max_abs": float(np.abs(got[name] - expected[name]).max()) for name in got}
     a, b = got[CELL_EMB].astype(np.float64), expected[CELL_EMB].astype(np.float64)
-    cosine = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1),
-                                         1e-12)  # fmt: skip
+    cosine = (a * b).sum(1) / np.maximum(
+        np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12
+    )
     errors["min_cosine"] = float(cosine.min())
     if CLASS_PROBS in got:
         agree = got[CLASS_PROBS].argmax(1) == expected[CLASS_PROBS].argmax(1)

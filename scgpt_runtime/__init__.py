@@ -8,24 +8,33 @@ from __future__ import annotations
 
 from .binning import bin_values
 from .csr import CsrBlock
-from .errors import BundleError, GeneMatchError, InputError, OutputError, ScgptError
+from .engine import Model
+from .errors import (
+    BundleError,
+    DeviceError,
+    GeneMatchError,
+    InputError,
+    OutputError,
+    ScgptError,
+)
 from .genes import GeneMatch, match_genes
 from .io import CountMatrix, open_counts
-from .model import Annotation, Model
 from .preprocess import highly_variable_genes, log1p, normalize_total
+from .results import Result
 from .tokens import TokenBlock, TokenConfig, tokenize
 from .vocab import Vocab
 
 __all__ = [
-    "Annotation",
     "BundleError",
     "CountMatrix",
     "CsrBlock",
+    "DeviceError",
     "GeneMatch",
     "GeneMatchError",
     "InputError",
     "Model",
     "OutputError",
+    "Result",
     "ScgptError",
     "TokenBlock",
     "TokenConfig",

@@ -32,6 +32,12 @@ class BundleError(ScgptError):
     exit_code = 5
 
 
+class DeviceError(ScgptError):
+    """The requested device cannot run: `--device cuda` where the CUDA provider cannot start."""
+
+    exit_code = 2
+
+
 class OutputError(ScgptError):
     """An output path exists (without --overwrite), or cannot be written."""
 

@@ -27,6 +27,7 @@ GENE_COLUMNS = (
     "ensembl_id",
     "id",
 )
+MIN_GENE_FRACTION = 0.5  # default share of the possible genes that must match (GeneMatch.fraction)
 _ENSEMBL_VERSION = re.compile(r"^(ENS[A-Z]*[GT]\d{6,})\.\d+$")
 
 
@@ -87,14 +88,17 @@ def match_genes(
     vocab: Vocab,
     *,
     gene_column: str | None = None,
-    min_fraction: float = 0.5,
+    min_fraction: float = MIN_GENE_FRACTION,
     source: str = "input",
+    panel: list[str] | None = None,
 ) -> GeneMatch:
     """Match genes to `vocab` on `gene_column`, or on the identifier column that matches most.
 
     Matching is exact and case-sensitive after stripping Ensembl version suffixes. Where two
-    genes map to one token the first (lowest column index) keeps it. Raises GeneMatchError when
-    fewer than `min_fraction` of the possible matches do (see `GeneMatch.fraction`).
+    genes map to one token the first (lowest column index) keeps it. With a gene `panel` (the
+    genes a model was restricted to), genes outside it are not used and the fraction counts
+    against the panel. Raises GeneMatchError when fewer than `min_fraction` of the possible
+    matches do (see `GeneMatch.fraction`).
     """
     if gene_column is not None and gene_column not in var:
         raise GeneMatchError(
@@ -112,6 +116,9 @@ def match_genes(
     ids[matched[duplicate]] = -1
     unmatched = [str(n) for n in var[column][ids < 0][:5]]
     n_vocab_genes = len(vocab) - sum(s in vocab for s in SPECIALS)
+    if panel is not None:
+        ids[~np.isin(ids, vocab.lookup(panel))] = -1
+        n_vocab_genes = len(panel)
     match = GeneMatch(column, ids, n_total, n_vocab_genes, int(duplicate.sum()), unmatched)
     if n_total == 0 or match.fraction < min_fraction:
         raise GeneMatchError(

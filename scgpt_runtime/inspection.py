@@ -69,17 +69,19 @@ def inspect(
 
 def bundle_info(path: str | Path, *, verify: bool = True) -> dict:
     """What a bundle is: model size, vocabulary, labels, graphs with the errors measured at
-    export, validation and provenance (`scgpt-run info`). Raises BundleError."""
+    export, validation, provenance and recorded evaluations (`scgpt-run info`). Raises
+    BundleError."""
     b = load_bundle(path, verify=verify)
     m = b.config["model"]
     return {
         "bundle": str(b.path),
         "format_version": b.config["format_version"],
-        "bundle_sha256": b.config_sha256,
-        "parameters": graph_parameters(m),
+        "bundle_sha256": b.sha256,
+        "parameters": b.parameters,  # counted at export; None for format 1 bundles
         "model": {
             k: m[k] for k in ("d_model", "n_head", "d_hid", "n_layer", "input_emb") if k in m
         },
+        "megabytes": round(sum(f["bytes"] for f in b.config["files"].values()) / 1e6, 1),
         "vocab_size": len(b.vocab),
         "gene_panel": None if b.gene_panel is None else len(b.gene_panel),
         "labels": b.labels or [],
@@ -99,23 +101,5 @@ def bundle_info(path: str | Path, *, verify: bool = True) -> dict:
         ],
         "validation": b.config.get("validation", {}),
         "provenance": b.config.get("provenance", {}),
-        "evaluation": b.config.get("evaluation", []),
+        "evaluation": b.evaluation,
     }
-
-
-def graph_parameters(m: dict) -> int:
-    """Parameters of what a bundle graph computes (gene and value encoders, transformer, the
-    cell-type head), from the `model` record of config.json; the training-only decoders are
-    not in the graphs."""
-    d, d_hid, n_cls = m["d_model"], m["d_hid"], m.get("n_cls", 0)
-    n = m["vocab_size"] * d + 2 * d  # gene embedding + LayerNorm
-    if m.get("input_emb", "continuous") == "continuous":
-        n += 2 * d + d * d + d + 2 * d  # Linear(1, d), Linear(d, d), LayerNorm
-    else:
-        n += (m["n_bins"] + 2) * d + 2 * d  # one row per bin, pad and mask + LayerNorm
-    if m.get("pre_norm_bn"):
-        n += 2 * d
-    n += m["n_layer"] * (3 * d * d + 3 * d + d * d + d + 2 * d * d_hid + d_hid + d + 4 * d)
-    if n_cls:
-        n += (m.get("n_layers_cls", 3) - 1) * (d * d + 3 * d) + d * n_cls + n_cls
-    return int(n)

@@ -19,7 +19,6 @@ import json
 import os
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
 from typing import IO, Any
@@ -29,24 +28,13 @@ import numpy as np
 
 from .errors import InputError, OutputError
 from .io.write import add_to_h5ad, atomic_path, write_new_h5ad
-from .model import Annotation
+from .results import Result
 
 SUFFIXES = {"annotate": (".csv", ".tsv", ".h5ad"), "embed": (".npy", ".h5ad", ".csv", ".tsv")}
 EMBEDDING_KEY = "X_scGPT"  # obsm key, as the official scGPT code names it
 UNS_KEY = "scGPT"  # provenance of the results
 PART_FORMAT, PART_VERSION, PART_SUFFIX = "scgpt-part", 1, ".part"
 _STR = h5py.string_dtype()
-
-
-@dataclass
-class Result:
-    """Per-cell results of a range of cells, in file order."""
-
-    obs_names: np.ndarray  # (n,) str: cell barcodes
-    n_genes: np.ndarray  # (n,) int64: genes the model saw; 0 = no matched gene (<cls> alone)
-    embedding: np.ndarray  # (n, d) float32: L2-normalised or raw <cls> embedding
-    class_probs: np.ndarray | None = None  # (n, n_cls) float32, annotate only
-    variants: dict[int, int] | None = None  # graph length -> cells run on it
 
 
 def output_kind(command: str, out: Path | None, *, inplace: bool, shard: bool) -> str:
@@ -106,26 +94,18 @@ def write(
     settings: dict[str, Any],
     *,
     out: Path | None = None,
-    labels: Sequence[str] | None = None,
     top_k: int = 0,
     prefix: str = "scgpt_",
     stream: IO[str] | None = None,
 ) -> Path | None:
-    """Write `result` as `kind` (output_kind) to `out` (or `stream` for "stdout").
+    """Write `result` as `kind` (output_kind) to `out` (or `stream` for "stdout"): its
+    annotation where it has class probabilities, else its embedding.
 
     `settings` are recorded in .h5ad files (uns["scGPT"]); for h5ad and inplace outputs the
     input file named in settings["input"] is copied or written into. Returns the path written.
     """
-    top_k = min(top_k, len(labels or []))  # there are no more classes than that
-    ann = None
-    if settings["command"] == "annotate":
-        ann = Annotation(
-            result.obs_names,
-            list(labels or []),
-            result.class_probs,
-            result.embedding,
-            result.n_genes,
-        )
+    ann = result if result.class_probs is not None else None
+    top_k = min(top_k, len(result.labels or []))  # there are no more classes than that
     if kind == "stdout":
         _write_table(stream, result, ann, top_k, ",")
         return None
@@ -144,7 +124,7 @@ def write(
 
 
 def _write_table(
-    f: IO[str], result: Result, ann: Annotation | None, top_k: int, delimiter: str
+    f: IO[str], result: Result, ann: Result | None, top_k: int, delimiter: str
 ) -> None:
     """Rows keyed by cell barcode, in file order: annotations, or embeddings where `ann` is
     None. Floats: 6 significant digits for probabilities, 9 (exact float32) for embeddings."""
@@ -175,7 +155,7 @@ def _write_table(
         w.writerow(row)
 
 
-def _annotation_columns(ann: Annotation, top_k: int, prefix: str) -> dict[str, np.ndarray]:
+def _annotation_columns(ann: Result, top_k: int, prefix: str) -> dict[str, np.ndarray]:
     obs = {
         f"{prefix}predicted_labels": ann.predicted_labels,
         f"{prefix}conf_score": ann.conf_score,
@@ -230,7 +210,6 @@ def write_part(
     shard: str,
     start: int,
     stop: int,
-    labels: Sequence[str] | None = None,
 ) -> Path:
     """The results of one shard, for `merge` (format in the module docstring)."""
     with atomic_path(out) as tmp, h5py.File(tmp, "w") as h5:
@@ -238,8 +217,8 @@ def write_part(
         h5.attrs["format_version"] = PART_VERSION
         h5.attrs["shard"], h5.attrs["start"], h5.attrs["stop"] = shard, start, stop
         h5.attrs["settings"] = json.dumps(settings)
-        h5.attrs["labels"] = json.dumps(list(labels or []))
-        h5.attrs["variants"] = json.dumps(result.variants or {})
+        h5.attrs["labels"] = json.dumps(list(result.labels or []))
+        h5.attrs["variants"] = json.dumps(result.graphs)  # graph length -> cells
         h5.create_dataset("obs_names", data=result.obs_names.astype(object), dtype=_STR)
         h5.create_dataset("n_genes", data=result.n_genes)
         h5.create_dataset("embedding", data=result.embedding)
@@ -260,7 +239,7 @@ def merge(
     run writes (format from the suffix of `out`; `inplace`: into the input .h5ad). Returns a
     summary. InputError for parts that are missing, repeated or from different runs."""
     out = None if out is None else Path(out)
-    result, settings, labels = read_parts([Path(p) for p in parts])
+    result, settings = read_parts([Path(p) for p in parts])
     kind = output_kind(settings["command"], out, inplace=inplace, shard=False)
     if kind == "inplace":
         check_output(Path(settings["input"]), overwrite=True)
@@ -272,7 +251,6 @@ def merge(
         result,
         settings,
         out=out,
-        labels=labels,
         top_k=options.get("top_k", 0),
         prefix=options.get("prefix", ""),
         stream=stream,
@@ -283,13 +261,12 @@ def merge(
         "input": settings["input"],
         "output": None if written is None else str(written),
         "n_cells": len(result.obs_names),
-        "graphs": {str(k): v for k, v in (result.variants or {}).items()},
+        "graphs": {str(k): v for k, v in result.graphs.items()},
     }
 
 
-def read_parts(paths: Sequence[Path]) -> tuple[Result, dict[str, Any], list[str]]:
-    """The parts of one run joined in shard order, their settings and class names. InputError
-    where a file
+def read_parts(paths: Sequence[Path]) -> tuple[Result, dict[str, Any]]:
+    """The parts of one run joined in shard order and their settings. InputError where a file
     is not a part, the parts come from different runs, or a shard is missing or repeated."""
     parts = [_read_part(Path(p)) for p in paths]
     if not parts:
@@ -334,16 +311,16 @@ def read_parts(paths: Sequence[Path]) -> tuple[Result, dict[str, Any], list[str]
     for p in ordered:
         for length, k in p["variants"].items():
             variants[int(length)] = variants.get(int(length), 0) + k
+    annotated = ordered[0]["class_probs"] is not None
     joined = Result(
         obs_names=np.concatenate([p["obs_names"] for p in ordered]),
         n_genes=np.concatenate([p["n_genes"] for p in ordered]),
         embedding=np.concatenate([p["embedding"] for p in ordered]),
-        class_probs=None
-        if ordered[0]["class_probs"] is None
-        else np.concatenate([p["class_probs"] for p in ordered]),
-        variants=dict(sorted(variants.items())),
+        labels=first["labels"] if annotated else None,
+        class_probs=np.concatenate([p["class_probs"] for p in ordered]) if annotated else None,
+        graphs=dict(sorted(variants.items())),
     )
-    return joined, first["settings"], first["labels"]
+    return joined, first["settings"]
 
 
 def _read_part(path: Path) -> dict[str, Any]:

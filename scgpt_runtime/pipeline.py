@@ -1,13 +1,9 @@
-"""The streaming engine: read -> match genes -> bin -> tokenize -> run -> collect, block by block.
+"""The commands that serve a file: `scgpt-run annotate` and `embed`, end to end.
 
-A file is read in row blocks; while the model runs on one block, a reader thread reads and
-tokenizes the next (h5py, numpy and onnxruntime all release the GIL for their heavy parts), so
-memory holds two blocks of tokens and the results. A cell's result depends only on the cell,
-its global index (for the seeded binning modes) and the bundle: never on the block size, the
-batch size, the thread count or the shard split (see `Model.infer`).
-
-`--shard I/N` takes the I-th of N contiguous, nearly equal ranges of cells, so the shards of
-a file concatenated in order are the file.
+Cheap checks come first (output, input file, bundle, gene match), then the cells stream through
+the engine (engine.py) and the results are written (outputs.py). `--shard I/N` takes the I-th
+of N contiguous, nearly equal ranges of cells, so the shards of a file concatenated in order
+are the file.
 """
 
 from __future__ import annotations
@@ -15,11 +11,9 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 import logging
-import queue
 import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -28,20 +22,17 @@ import numpy as np
 import onnxruntime as ort
 
 from . import outputs
-from .bundle import Bundle, load_bundle
-from .errors import BundleError, GeneMatchError, OutputError
-from .genes import GeneMatch, match_genes
+from .bundle import load_bundle
+from .engine import BLOCK_SIZE, Model, Progress, match_bundle_genes, run
+from .errors import BundleError, OutputError
+from .genes import MIN_GENE_FRACTION
 from .io import open_counts
-from .io.base import CountMatrix
-from .model import Model, bundle_or_default
-from .outputs import Result
-from .tokens import TokenBlock, tokenize
+from .results import Result
+from .served import bundle_or_default
 
 log = logging.getLogger(__name__)
 
-BLOCK_SIZE = 2048  # cells read and tokenized at a time: 2048 x 1200 tokens is about 32 MB
 SPILL_BYTES = 256 << 20  # embeddings larger than this go to a memory-mapped scratch file
-Progress = Callable[..., None]  # (n_cells, total, status="")
 
 
 @dataclass(frozen=True)
@@ -70,152 +61,6 @@ class Shard:
 
     def __str__(self) -> str:
         return f"{self.index}/{self.count}"
-
-
-def match_bundle_genes(
-    counts: CountMatrix,
-    bundle: Bundle,
-    *,
-    gene_column: str | None = None,
-    min_fraction: float = 0.5,
-) -> GeneMatch:
-    """The vocabulary id of every gene of `counts` for `bundle` (-1: not used).
-
-    Genes outside the bundle's gene panel, where it has one, are not used. Raises
-    GeneMatchError where fewer than `min_fraction` of the genes are in the vocabulary or none
-    is in the panel.
-    """
-    match = match_genes(
-        counts.var,
-        bundle.vocab,
-        gene_column=gene_column,
-        min_fraction=min_fraction,
-        source=str(counts.path),
-    )
-    if bundle.gene_panel is None:
-        return match
-    ids = match.column_ids.copy()
-    panel = bundle.vocab.lookup(bundle.gene_panel)
-    ids[~np.isin(ids, panel)] = -1
-    if not (ids >= 0).any():
-        raise GeneMatchError(
-            f"{counts.path}: none of its genes (column {match.column}) is in the model's gene "
-            f"panel of {len(panel)} genes; pass --gene-column (available: {', '.join(counts.var)})"
-        )
-    return GeneMatch(
-        match.column, ids, match.n_total, len(panel), match.n_duplicates, match.unmatched_examples
-    )
-
-
-def run(
-    model: Model,
-    counts: CountMatrix,
-    column_ids: np.ndarray,
-    *,
-    start: int = 0,
-    stop: int | None = None,
-    block_size: int = BLOCK_SIZE,
-    normalized: bool = True,
-    class_probs: bool = False,
-    embedding: np.ndarray | None = None,
-    progress: Progress | None = None,
-) -> Result:
-    """Run the model on cells [start, stop) of `counts`.
-
-    Args:
-        column_ids: vocabulary id per column of `counts` (match_bundle_genes).
-        normalized: the L2-normalised embedding (else the raw <cls> output).
-        class_probs: also the class probabilities (the bundle needs a classifier).
-        embedding: an (n, d) float32 array to fill (a memory map for large outputs).
-        progress: called as progress(n, total, status) after every block.
-    """
-    stop = counts.n_cells if stop is None else min(stop, counts.n_cells)
-    n = max(stop - start, 0)
-    names = ["cell_emb_normalized" if normalized else "cell_emb"]
-    if class_probs:
-        names.append("class_probs")
-    result = Result(
-        obs_names=np.asarray(counts.obs_names[start:stop]).astype(str),
-        n_genes=np.zeros(n, dtype=np.int64),
-        embedding=np.empty((n, model.d_model), np.float32) if embedding is None else embedding,
-        class_probs=np.empty((n, len(model.labels or [])), np.float32) if class_probs else None,
-        variants={},
-    )
-    t0, done = time.perf_counter(), 0
-    for tokens in _tokenized(model, counts, column_ids, start, stop, block_size):
-        outputs = model.infer(tokens.gene_ids, tokens.values, tokens.padding_mask, names)
-        rows = slice(tokens.start - start, tokens.start - start + tokens.n_cells)
-        result.n_genes[rows] = tokens.n_genes
-        result.embedding[rows] = outputs[names[0]]
-        if class_probs:
-            result.class_probs[rows] = outputs["class_probs"]
-        for length, k in model.lengths_for(1 + tokens.n_genes).items():
-            result.variants[length] = result.variants.get(length, 0) + k
-        done += tokens.n_cells
-        if progress:
-            rate = done / max(time.perf_counter() - t0, 1e-9)
-            progress(tokens.n_cells, n, f"{rate:,.0f} cells/s")
-    return result
-
-
-def _tokenized(
-    model: Model,
-    counts: CountMatrix,
-    column_ids: np.ndarray,
-    start: int,
-    stop: int,
-    block_size: int,
-) -> Iterator[TokenBlock]:
-    """Tokenized blocks of [start, stop), read and tokenized one block ahead in a thread."""
-    bundle = model.bundle
-    blocks = counts.iter_blocks(block_size, start, stop)
-
-    def produce() -> TokenBlock | None:
-        block = next(blocks, None)
-        if block is None:
-            return None
-        return tokenize(block, column_ids, bundle.tokens, bundle.vocab.cls_id, bundle.vocab.pad_id)
-
-    yield from _prefetch(produce)
-
-
-def _prefetch(produce: Callable[[], TokenBlock | None]) -> Iterator[TokenBlock]:
-    """Items of `produce()` until None, each made in a thread while the previous is used.
-
-    One item ahead at most; an exception of `produce` is raised here; stopping early (an
-    error or Ctrl-C in the consumer) lets the thread finish its item and exit."""
-    box: queue.Queue = queue.Queue(maxsize=1)
-    stop = threading.Event()
-
-    def work() -> None:
-        try:
-            while not stop.is_set():
-                item = produce()
-                box.put(("item", item))
-                if item is None:
-                    return
-        except BaseException as e:  # handed to the consumer, which raises it
-            box.put(("error", e))
-
-    thread = threading.Thread(target=work, name="scgpt-reader", daemon=True)
-    thread.start()
-    try:
-        while True:
-            kind, item = box.get()
-            if kind == "error":
-                raise item
-            if item is None:
-                return
-            yield item
-    finally:
-        stop.set()
-        while thread.is_alive():  # unblock a put() waiting on the full queue
-            with contextlib.suppress(queue.Empty):
-                box.get(timeout=0.05)
-        thread.join()
-
-
-# The commands: annotate and embed a file, end to end
 
 
 def annotate(
@@ -265,7 +110,7 @@ def serve(
     use_raw: bool = True,
     genome: str | None = None,
     gene_column: str | None = None,
-    min_gene_fraction: float = 0.5,
+    min_gene_fraction: float = MIN_GENE_FRACTION,
     device: str = "auto",
     precision: str = "auto",
     threads: int | None = None,
@@ -296,9 +141,7 @@ def serve(
         bundle = load_bundle(bundle_or_default(model))
         if command == "annotate" and not bundle.labels:
             raise BundleError(f"{bundle.path}: the model has no cell-type head; use embed")
-        match = match_bundle_genes(
-            counts, bundle, gene_column=gene_column, min_fraction=min_gene_fraction
-        )
+        match = match_bundle_genes(counts, bundle, gene_column, min_gene_fraction)
         load = {"device": device, "precision": precision, "threads": threads}
         with Model.load(bundle, **load, batch_size=batch_size, verbose=verbose) as served:
             start, stop = shard.range(counts.n_cells) if shard else (0, counts.n_cells)
@@ -330,24 +173,11 @@ def serve(
                 run_seconds = time.perf_counter() - t_run
                 if kind == "part":
                     written = outputs.write_part(
-                        out,
-                        result,
-                        settings,
-                        shard=str(shard),
-                        start=start,
-                        stop=stop,
-                        labels=served.labels,
+                        out, result, settings, shard=str(shard), start=start, stop=stop
                     )
                 else:
                     written = outputs.write(
-                        kind,
-                        result,
-                        settings,
-                        out=out,
-                        labels=served.labels,
-                        top_k=top_k,
-                        prefix=prefix,
-                        stream=stream,
+                        kind, result, settings, out=out, top_k=top_k, prefix=prefix, stream=stream
                     )
             summary = _summary(
                 command, file, written, shard, result, match, served, t0, run_seconds
@@ -386,9 +216,11 @@ def _settings(command, file, counts, model, match, options) -> dict[str, Any]:
     }
 
 
-def _summary(command, file, written, shard, result, match, model, t0, run_seconds) -> dict:
+def _summary(
+    command, file, written, shard, result: Result, match, model, t0, run_seconds
+) -> dict[str, Any]:
     seconds = time.perf_counter() - t0
-    n = len(result.n_genes)
+    n = result.n_cells
     summary = {
         "command": command,
         "input": str(file),
@@ -401,16 +233,13 @@ def _summary(command, file, written, shard, result, match, model, t0, run_second
         "precision": model.precision,
         "device": model.device,
         "execution_provider": model.provider,
-        "graphs": {str(k): v for k, v in sorted((result.variants or {}).items())},
+        "graphs": {str(k): v for k, v in sorted(result.graphs.items())},
         "seconds": round(seconds, 3),
         "run_seconds": round(run_seconds, 3),
         "cells_per_s": round(n / max(run_seconds, 1e-9), 1),
     }
     if command == "annotate" and n:
-        labels = np.asarray(model.labels)[result.class_probs.argmax(1)]
-        names, counts = np.unique(labels, return_counts=True)
-        order = np.argsort(-counts, kind="stable")
-        summary["label_counts"] = {str(names[i]): int(counts[i]) for i in order}
+        summary["label_counts"] = result.label_counts()
     return summary
 
 
@@ -439,16 +268,14 @@ def gene_report(
     use_raw: bool = True,
     genome: str | None = None,
     gene_column: str | None = None,
-    min_gene_fraction: float = 0.5,
+    min_gene_fraction: float = MIN_GENE_FRACTION,
 ) -> dict[str, Any]:
     """How the genes of FILE match the vocabulary (and gene panel) of the bundle `model`
     (`scgpt-run inspect --model`): GeneMatch.to_dict() plus the panel size. Raises
     GeneMatchError below `min_gene_fraction`."""
     bundle = load_bundle(model)
     with open_counts(file, layer=layer, use_raw=use_raw, genome=genome) as counts:
-        match = match_bundle_genes(
-            counts, bundle, gene_column=gene_column, min_fraction=min_gene_fraction
-        )
+        match = match_bundle_genes(counts, bundle, gene_column, min_gene_fraction)
     report = match.to_dict()
     report["n_used"] = int((match.column_ids >= 0).sum())
     report["vocab_size"] = len(bundle.vocab)

@@ -9,7 +9,7 @@ CPU sessions run single-threaded; the engine runs one session call per worker th
 at a time (onnxruntime releases the GIL). On two to sixteen cores that is as fast as one call
 with an intra-op thread pool or faster, and each cell is computed by the same single-threaded
 kernels whatever the thread count, so results do not depend on it. CUDA sessions get one input
-shape per graph (the engine pads every batch to `batch_size` cells) and keep their input and
+shape per length (the engine pads every batch to `batch_size` cells) and keep their input and
 output buffers on the GPU between calls through IO binding.
 """
 
@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from .bundle import INPUTS
-from .errors import BundleError, ScgptError
+from .errors import BundleError, DeviceError
+from .tokens import InputSpec
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +37,6 @@ CUDA_OPTIONS = {
 }
 _ORT_QUIET, _ORT_WARNING = 4, 2  # onnxruntime's logger: fatal only, and its default
 _probe_lock = threading.Lock()
-
-
-class DeviceError(ScgptError):
-    """The requested device cannot run: `--device cuda` where the CUDA provider cannot start."""
-
-    exit_code = 2
 
 
 def session_options(threads: int = 1) -> ort.SessionOptions:
@@ -126,9 +120,10 @@ class Runner:
     thread at a time.
     """
 
-    def __init__(self, path: Path, device: str):
+    def __init__(self, path: Path, device: str, inputs: Sequence[InputSpec]):
         self.path = path
         self.device = device
+        self.inputs = {spec.name: spec.dtype for spec in inputs}
         self.session = open_session(path, device)
         self.outputs = [o.name for o in self.session.get_outputs()]
         self.bind_device = "cuda"  # where IO-bound buffers live (the tests bind on "cpu")
@@ -136,7 +131,7 @@ class Runner:
         self._buffers: dict[tuple[int, int], tuple[ort.IOBinding, dict]] = {}
 
     def run(self, feed: Mapping[str, np.ndarray], names: Sequence[str]) -> list[np.ndarray]:
-        """The outputs `names` for `feed` (INPUTS by name, each (B, L))."""
+        """The outputs `names` for `feed` (the graph inputs by name, each (B, L))."""
         if self.device == "cuda":
             got = dict(zip(self.outputs, self._run_bound(feed), strict=True))
             return [got[name] for name in names]
@@ -145,11 +140,11 @@ class Runner:
     def _run_bound(self, feed: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         """IO binding: inputs copied into GPU buffers kept per input shape, outputs left on the
         GPU until the end of the call; no allocation per call."""
-        shape = feed["gene_ids"].shape
+        shape = next(iter(feed.values())).shape
         if shape not in self._buffers:
             binding = self.session.io_binding()
             inputs = {}
-            for name, dtype in INPUTS.items():
+            for name, dtype in self.inputs.items():
                 inputs[name] = ort.OrtValue.ortvalue_from_shape_and_type(
                     shape, np.dtype(dtype), self.bind_device, 0
                 )
@@ -158,7 +153,7 @@ class Runner:
                 binding.bind_output(name, self.bind_device, 0)
             self._buffers[shape] = (binding, inputs)
         binding, inputs = self._buffers[shape]
-        for name, dtype in INPUTS.items():
+        for name, dtype in self.inputs.items():
             inputs[name].update_inplace(np.ascontiguousarray(feed[name], dtype=dtype))
         self.session.run_with_iobinding(binding)
         return binding.copy_outputs_to_cpu()

@@ -86,14 +86,52 @@ class TokenConfig:
 
 
 @dataclass(frozen=True)
-class TokenBlock:
-    """Model inputs for rows [start, start + n_cells) of a matrix."""
+class InputSpec:
+    """One model input: each is (cells, L), with the value it holds on padding and on <cls>."""
 
-    gene_ids: np.ndarray  # (B, L) int64: <cls>, genes by ascending id, then <pad>
-    values: np.ndarray  # (B, L) float32: cls_value, bins, then pad_value
-    padding_mask: np.ndarray  # (B, L) bool, True = padding (never attended)
+    name: str
+    dtype: str  # numpy dtype name: "int64", "float32", "bool"
+    pad: int | float | bool
+    cls: int | float | bool
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype, "pad": self.pad, "cls": self.cls}
+
+
+# The model inputs by name; PAD_MASK marks padding, and so decides a cell's length.
+GENE_IDS, VALUES, PAD_MASK = "gene_ids", "values", "padding_mask"
+INPUT_NAMES = (GENE_IDS, VALUES, PAD_MASK)  # the graph's input order
+
+
+def input_specs(cfg: TokenConfig, cls_id: int, pad_id: int) -> tuple[InputSpec, ...]:
+    """The model inputs `tokenize` makes, in graph order: what export traces, the bundle
+    declares and the engine feeds."""
+    return (
+        InputSpec(GENE_IDS, "int64", pad_id, cls_id),  # <cls>, genes by ascending id, <pad>
+        InputSpec(VALUES, "float32", cfg.pad_value, cfg.cls_value),  # cls_value, bins, pads
+        InputSpec(PAD_MASK, "bool", True, False),  # True = padding, never attended
+    )
+
+
+@dataclass(frozen=True)
+class TokenBlock:
+    """Model inputs for rows [start, start + n_cells) of a matrix, by input name."""
+
+    inputs: dict[str, np.ndarray]  # name -> (B, L) array, in `input_specs` order
     n_genes: np.ndarray  # (B,) int64 genes in the sequence; 0 = no matched non-zero gene
-    start: int  # global index of the first cell
+    start: int  # global index of the first cell; -1 for picked rows
+
+    @property
+    def gene_ids(self) -> np.ndarray:
+        return self.inputs[GENE_IDS]
+
+    @property
+    def values(self) -> np.ndarray:
+        return self.inputs[VALUES]
+
+    @property
+    def padding_mask(self) -> np.ndarray:
+        return self.inputs[PAD_MASK]
 
     @property
     def n_cells(self) -> int:
@@ -108,12 +146,21 @@ class TokenBlock:
         """The same tokens without the columns that are padding in every cell."""
         width = 1 + int(self.n_genes.max(initial=0))
         return TokenBlock(
-            self.gene_ids[:, :width],
-            self.values[:, :width],
-            self.padding_mask[:, :width],
-            self.n_genes,
-            self.start,
+            {k: a[:, :width] for k, a in self.inputs.items()}, self.n_genes, self.start
         )
+
+    def take(self, rows: np.ndarray, trim: bool = False) -> TokenBlock:
+        """The given rows (start -1: picked rows have no common start); with `trim`, without
+        the columns that are padding in all of them."""
+        width = 1 + int(self.n_genes[rows].max(initial=0)) if trim else None
+        inputs = {k: a[rows, :width] for k, a in self.inputs.items()}
+        return TokenBlock(inputs, self.n_genes[rows], -1)
+
+    @staticmethod
+    def concat(blocks: list[TokenBlock]) -> TokenBlock:
+        """The blocks one after the other (all of one width); start of the first."""
+        inputs = {k: np.concatenate([b.inputs[k] for b in blocks]) for k in blocks[0].inputs}
+        return TokenBlock(inputs, np.concatenate([b.n_genes for b in blocks]), blocks[0].start)
 
 
 def tokenize(
@@ -140,17 +187,7 @@ def tokenize(
         np.bincount(used).max() > 1 or (used == cls_id).any() or (used == pad_id).any()
     ):
         raise ValueError("column_ids must map columns to distinct gene ids, never <cls> or <pad>")
-    n_rows, width = block.n_rows, cfg.max_seq_len
-    out = TokenBlock(
-        gene_ids=np.full((n_rows, width), pad_id, dtype=np.int64),
-        values=np.full((n_rows, width), cfg.pad_value, dtype=np.float32),
-        padding_mask=np.ones((n_rows, width), dtype=bool),
-        n_genes=np.zeros(n_rows, dtype=np.int64),
-        start=block.start,
-    )
-    out.gene_ids[:, 0] = cls_id
-    out.values[:, 0] = cfg.cls_value
-    out.padding_mask[:, 0] = False
+    out = empty_block(input_specs(cfg, cls_id, pad_id), block.n_rows, cfg.max_seq_len, block.start)
     top_gene = int(used.max(initial=0))
     # Row chunks keep the working arrays in the CPU cache; cells are independent, so chunking
     # changes nothing in the result.
@@ -169,6 +206,18 @@ def tokenize(
             out.n_genes[r0:r1],
         )
     return out
+
+
+def empty_block(
+    specs: tuple[InputSpec, ...], n_cells: int, width: int, start: int = 0
+) -> TokenBlock:
+    """`n_cells` cells of <cls> alone (n_genes 0), padded to `width`."""
+    inputs = {}
+    for spec in specs:
+        a = np.full((n_cells, width), spec.pad, dtype=spec.dtype)
+        a[:, 0] = spec.cls
+        inputs[spec.name] = a
+    return TokenBlock(inputs, np.zeros(n_cells, dtype=np.int64), start)
 
 
 def _tokenize_rows(

@@ -1,4 +1,9 @@
-"""The gene vocabulary: token names and ids, with the special tokens scGPT uses."""
+"""The vocabulary: token names and ids, with the special tokens scGPT uses.
+
+Tokens belong to a namespace: "gene" for genes and the special tokens; a multi-omics model adds
+others ("protein", "peak"), so that a gene CD4 and a protein CD4 are two tokens. Names are
+unique within a namespace; lookups are exact and case-sensitive, as in the official vocab.
+"""
 
 from __future__ import annotations
 
@@ -12,16 +17,22 @@ from .errors import InputError
 
 PAD, CLS, EOC = "<pad>", "<cls>", "<eoc>"
 SPECIALS = (PAD, CLS, EOC)
+GENE = "gene"  # the namespace of genes and of the special tokens
 
 
 class Vocab:
-    """Token names in id order; lookups are exact and case-sensitive, as in the official vocab."""
+    """Token names in id order, each in a namespace (all "gene" unless given)."""
 
-    def __init__(self, names: Iterable[str]):
+    def __init__(self, names: Iterable[str], namespaces: Iterable[str] | None = None):
         self.names = [str(n) for n in names]
-        self.index = {n: i for i, n in enumerate(self.names)}
-        if len(self.index) != len(self.names):
-            raise ValueError("vocabulary names must be unique")
+        self.namespaces = [GENE] * len(self.names) if namespaces is None else list(namespaces)
+        if len(self.namespaces) != len(self.names):
+            raise ValueError("one namespace per vocabulary token")
+        self._ids: dict[str, dict[str, int]] = {}
+        for i, (ns, name) in enumerate(zip(self.namespaces, self.names, strict=True)):
+            if self._ids.setdefault(ns, {}).setdefault(name, i) != i:
+                raise ValueError(f"vocabulary names must be unique ({ns} {name!r} repeats)")
+        self.index = self._ids.get(GENE, {})  # gene name -> id: the official vocab.json
         missing = [s for s in (PAD, CLS) if s not in self.index]
         if missing:
             raise ValueError(f"vocabulary lacks the special tokens {missing}")
@@ -49,7 +60,15 @@ class Vocab:
             raise InputError(f"{path}: {e}") from e
 
     def to_json(self, path: str | Path) -> None:
+        """Write the official `vocab.json` layout, which has genes only."""
+        if self.namespaces.count(GENE) != len(self.names):
+            raise ValueError("vocab.json holds genes only; this vocabulary has other namespaces")
         Path(path).write_text(json.dumps(self.index, indent=0))
+
+    @property
+    def namespace_names(self) -> list[str]:
+        """The namespaces present, in order of first appearance."""
+        return list(self._ids)
 
     def __len__(self) -> int:
         return len(self.names)
@@ -68,9 +87,10 @@ class Vocab:
     def cls_id(self) -> int:
         return self.index[CLS]
 
-    def lookup(self, names: Iterable[str]) -> np.ndarray:
-        """Ids of `names`, -1 where a name is not in the vocabulary. Special tokens never match."""
-        get = self.index.get
+    def lookup(self, names: Iterable[str], namespace: str = GENE) -> np.ndarray:
+        """Ids of `names` in `namespace`, -1 where a name is not there. Special tokens never
+        match."""
+        get = self._ids.get(namespace, {}).get
         ids = np.fromiter((get(str(n), -1) for n in names), dtype=np.int64)
         ids[np.isin(ids, [self.index[s] for s in SPECIALS if s in self.index])] = -1
         return ids

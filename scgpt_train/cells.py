@@ -13,7 +13,7 @@ from scgpt_runtime.io import CountMatrix, open_counts
 from scgpt_runtime.tokens import TokenBlock, TokenConfig
 from scgpt_runtime.vocab import Vocab
 
-from .data import concat, open_sources, read_tokens, take
+from .data import open_sources, read_tokens
 
 MISSING = -1  # label / batch code of a cell without one; cross-entropy ignores it
 
@@ -65,10 +65,15 @@ def selected(counts: CountMatrix, filters: list[tuple[str, str]]) -> np.ndarray:
 
 
 def load_cells(
-    paths: list[str] | list[Path], vocab: Vocab, tokens: TokenConfig, *,
-    label_key: str | None = None, batch_key: str | None = None, where: tuple[str, ...] = (),
+    paths: list[str] | list[Path],
+    vocab: Vocab,
+    tokens: TokenConfig,
+    *,
+    label_key: str | None = None,
+    batch_key: str | None = None,
+    where: tuple[str, ...] = (),
     gene_column: str | None = None,
-) -> Cells:  # fmt: skip
+) -> Cells:
     """Cells of `paths` that pass every `where` filter ("COL=VALUE"), tokenized in memory, with
     the obs columns `label_key` and `batch_key`. A missing column is an InputError naming the
     file and the columns it has."""
@@ -86,10 +91,10 @@ def load_cells(
         if not keep.any():
             raise InputError(f"{source.path}: no cell passes --where {' '.join(where)}")
         parts.append(
-            take(read_tokens(source, 0, source.n_cells, vocab, tokens), np.flatnonzero(keep))
+            read_tokens(source, 0, source.n_cells, vocab, tokens).take(np.flatnonzero(keep))
         )
     return Cells(
-        tokens=concat(parts),
+        tokens=TokenBlock.concat(parts),
         obs_names=np.concatenate(names),
         labels=np.concatenate(labels) if label_key else None,
         batches=np.concatenate(batches) if batch_key else None,

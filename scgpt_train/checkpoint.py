@@ -1,7 +1,8 @@
 """Run directories: the trained model with everything needed to use it, and resumable state.
 
 RUN/
-  config.json          model, tokenization, labels, training config, provenance (format_version)
+  config.json          model, tokenization, labels, training config, provenance (format_version;
+                       format 1 is read too: its batch flags become the counts of ModelConfig)
   vocab.json           {gene: id}, the official layout
   model.safetensors    weights (never pickle)
   metrics.jsonl        one JSON object per logged step
@@ -34,7 +35,8 @@ from scgpt_runtime.vocab import Vocab
 
 from .model import ModelConfig, ScGPT
 
-RUN_FORMAT_VERSION = 1
+RUN_FORMAT_VERSION = 2  # 2: ModelConfig sizes its optional parts by counts
+READ_FORMAT_VERSIONS = (1, 2)
 KEEP_CHECKPOINTS = 2  # older step directories are deleted once a newer one is complete
 
 
@@ -78,10 +80,10 @@ def load_run(run_dir: str | Path, map_location: str = "cpu") -> tuple[ScGPT, Run
     run_dir = Path(run_dir)
     config = read_json(run_dir / "config.json", what="run directory")
     version = config.get("format_version")
-    if version != RUN_FORMAT_VERSION:
+    if version not in READ_FORMAT_VERSIONS:
         raise InputError(
             f"{run_dir}: run format version {version} is not supported "
-            f"(this version reads {RUN_FORMAT_VERSION})"
+            f"(this version reads {', '.join(map(str, READ_FORMAT_VERSIONS))})"
         )
     try:
         info = RunInfo(
@@ -142,6 +144,35 @@ def load_checkpoint(
     optimizer.load_state_dict(_unflatten_optimizer(tensors, state.pop("optimizer")))
     torch.set_rng_state(_load_tensors(ckpt / "rng.safetensors")["torch"])
     return state
+
+
+class MetricsLog:
+    """RUN/metrics.jsonl, the one writer of every trainer: one JSON object per line, flushed as
+    it is written. `resume_step` keeps the rows up to that step (a resumed run repeats the
+    steps after its checkpoint) and appends; None starts the file afresh."""
+
+    def __init__(self, run_dir: Path, resume_step: int | None = None):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        kept = []
+        if resume_step is not None and self.path.exists():
+            rows = [json.loads(line) for line in self.path.read_text().splitlines() if line]
+            kept = [r for r in rows if r.get("step", 0) <= resume_step]
+        with atomic_path(self.path) as tmp:
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        self._file = self.path.open("a")
+
+    def write(self, row: dict[str, Any]) -> None:
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> MetricsLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def created() -> str:

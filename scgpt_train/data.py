@@ -19,7 +19,7 @@ import numpy as np
 
 from scgpt_runtime.binning import hash_uniform
 from scgpt_runtime.errors import InputError
-from scgpt_runtime.genes import default_gene_column, match_genes
+from scgpt_runtime.genes import MIN_GENE_FRACTION, default_gene_column, match_genes
 from scgpt_runtime.io import open_counts
 from scgpt_runtime.tokens import TokenBlock, TokenConfig, tokenize
 from scgpt_runtime.vocab import Vocab
@@ -61,16 +61,22 @@ def build_vocab(paths: list[Path], gene_column: str | None = None) -> Vocab:
 
 
 def open_sources(
-    paths: list[Path], vocab: Vocab, gene_column: str | None = None, min_fraction: float = 0.5
+    paths: list[Path],
+    vocab: Vocab,
+    gene_column: str | None = None,
+    min_fraction: float = MIN_GENE_FRACTION,
 ) -> list[Source]:
     """Match every file's genes to `vocab` (a file with too few matches is an error)."""
     sources = []
     for path in paths:
         with open_counts(path) as counts:
             match = match_genes(
-                counts.var, vocab, gene_column=gene_column, min_fraction=min_fraction,
+                counts.var,
+                vocab,
+                gene_column=gene_column,
+                min_fraction=min_fraction,
                 source=str(path),
-            )  # fmt: skip
+            )
             sources.append(Source(Path(path), match.column_ids, counts.n_cells))
     return sources
 
@@ -91,29 +97,7 @@ def read_tokens(
             tokenize(b, source.column_ids, cfg, vocab.cls_id, vocab.pad_id)
             for b in counts.iter_blocks(stop - start, start, stop)
         ]
-    return concat(blocks)
-
-
-def concat(blocks: list[TokenBlock]) -> TokenBlock:
-    return TokenBlock(
-        np.concatenate([b.gene_ids for b in blocks]),
-        np.concatenate([b.values for b in blocks]),
-        np.concatenate([b.padding_mask for b in blocks]),
-        np.concatenate([b.n_genes for b in blocks]),
-        blocks[0].start,
-    )
-
-
-def take(tokens: TokenBlock, rows: np.ndarray, trim: bool = False) -> TokenBlock:
-    """The given rows; with `trim`, without the columns that are padding in all of them."""
-    width = 1 + int(tokens.n_genes[rows].max(initial=0)) if trim else tokens.gene_ids.shape[1]
-    return TokenBlock(
-        tokens.gene_ids[rows, :width],
-        tokens.values[rows, :width],
-        tokens.padding_mask[rows, :width],
-        tokens.n_genes[rows],
-        -1,  # picked rows have no common start
-    )
+    return TokenBlock.concat(blocks)
 
 
 class CellStream:
@@ -168,9 +152,9 @@ class CellStream:
             file_index, lo, hi = self.chunks[c]
             tokens = read_tokens(self.sources[file_index], lo, hi, self.vocab, self.cfg)
             held = is_validation(self.seed, file_index, np.arange(lo, hi), self.val_fraction)
-            parts.append(take(tokens, np.flatnonzero(~held)))
-        tokens = concat(parts)
-        return take(tokens, self._permutation(tokens.n_cells, epoch, window))
+            parts.append(tokens.take(np.flatnonzero(~held)))
+        tokens = TokenBlock.concat(parts)
+        return tokens.take(self._permutation(tokens.n_cells, epoch, window))
 
     def batches(
         self, position: Position, rank: int = 0, world: int = 1
@@ -186,15 +170,20 @@ class CellStream:
                 n_batches = tokens.n_cells // self.batch_size  # a partial last batch is dropped
                 for b in range(skip, n_batches):
                     rows = np.arange(per_rank) + b * self.batch_size + rank * per_rank
-                    yield take(tokens, rows, trim=True), Position(epoch, window, b + 1)
+                    yield tokens.take(rows, trim=True), Position(epoch, window, b + 1)
                 skip = 0
             epoch, first = epoch + 1, 0
 
 
 def validation_cells(
-    sources: list[Source], vocab: Vocab, cfg: TokenConfig, seed: int, fraction: float,
-    max_cells: int, chunk_cells: int = 4096,
-) -> TokenBlock | None:  # fmt: skip
+    sources: list[Source],
+    vocab: Vocab,
+    cfg: TokenConfig,
+    seed: int,
+    fraction: float,
+    max_cells: int,
+    chunk_cells: int = 4096,
+) -> TokenBlock | None:
     """The first `max_cells` held-out cells (in file order), tokenized; None if none is held out."""
     parts, n = [], 0
     for i, source in enumerate(sources):
@@ -203,8 +192,8 @@ def validation_cells(
             held = np.flatnonzero(is_validation(seed, i, np.arange(lo, hi), fraction))
             if not len(held):
                 continue
-            parts.append(take(read_tokens(source, lo, hi, vocab, cfg), held[: max_cells - n]))
+            parts.append(read_tokens(source, lo, hi, vocab, cfg).take(held[: max_cells - n]))
             n += len(parts[-1].n_genes)
             if n >= max_cells:
-                return concat(parts)
-    return concat(parts) if parts else None
+                return TokenBlock.concat(parts)
+    return TokenBlock.concat(parts) if parts else None

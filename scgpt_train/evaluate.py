@@ -52,8 +52,9 @@ class EvaluateConfig:
         if self.bundle is None and self.record:
             raise ValueError("--record stores metrics in a bundle: it needs --bundle")
         if self.bundle is not None and (self.reference or self.batch_key):
-            raise ValueError("--bundle scores the cell-type head; --reference and --batch-key "
-                             "need --from RUN")  # fmt: skip
+            raise ValueError(
+                "--bundle scores the cell-type head; --reference and --batch-key need --from RUN"
+            )
 
 
 def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
@@ -85,22 +86,34 @@ def evaluate_bundle(cfg: EvaluateConfig) -> dict[str, Any]:
     truth_all, pred_all = np.concatenate(truth), np.concatenate(pred)
     labelled = np.array([v is not None for v in truth_all.tolist()])
     metrics = annotation_metrics(truth_all[labelled].astype(str), pred_all[labelled])
-    res = {"bundle": cfg.bundle, "precision": model.precision,
-           "execution_provider": model.provider, "n_cells": len(truth_all),
-           "n_unlabelled": int((~labelled).sum()), "classifier": metrics}  # fmt: skip
+    res = {
+        "bundle": cfg.bundle,
+        "precision": model.precision,
+        "execution_provider": model.provider,
+        "n_cells": len(truth_all),
+        "n_unlabelled": int((~labelled).sum()),
+        "classifier": metrics,
+    }
     if cfg.predictions:
         per_cell = {"predicted_labels": pred_all, "conf_score": np.concatenate(conf)}
         _write_predictions(Path(cfg.predictions), np.concatenate(names), truth_all, per_cell)
     if cfg.record:
-        record_evaluation(cfg.bundle, {
-            "data": [Path(p).name for p in cfg.data],
-            "data_sha256": [sha256_file(Path(p)) for p in cfg.data],
-            "where": list(cfg.where), "label_key": cfg.label_key,
-            "precision": model.precision, "execution_provider": model.provider,
-            "n_cells": metrics["n_cells"], "accuracy": metrics["accuracy"],
-            "macro_f1": metrics["macro_f1"], "per_class_f1": metrics["per_class_f1"],
-            "created": created(),
-        })  # fmt: skip
+        record_evaluation(
+            cfg.bundle,
+            {
+                "data": [Path(p).name for p in cfg.data],
+                "data_sha256": [sha256_file(Path(p)) for p in cfg.data],
+                "where": list(cfg.where),
+                "label_key": cfg.label_key,
+                "precision": model.precision,
+                "execution_provider": model.provider,
+                "n_cells": metrics["n_cells"],
+                "accuracy": metrics["accuracy"],
+                "macro_f1": metrics["macro_f1"],
+                "per_class_f1": metrics["per_class_f1"],
+                "created": created(),
+            },
+        )
     return res
 
 
@@ -110,7 +123,7 @@ def evaluate_run(cfg: EvaluateConfig) -> dict[str, Any]:
     key). Returns a JSON-ready dict."""
     from .cells import load_cells
     from .checkpoint import load_run  # torch is needed here only: the metrics above stay numpy
-    from .finetune import embed, predict
+    from .inference import embed, predict
 
     model, info = load_run(cfg.run)
     if info.model.n_cls == 0 and not cfg.reference and cfg.batch_key is None:
@@ -118,14 +131,23 @@ def evaluate_run(cfg: EvaluateConfig) -> dict[str, Any]:
             f"{cfg.run}: has no classifier head; give --reference FILE (kNN transfer) or "
             "--batch-key COL (integration metrics)"
         )
-    query = load_cells(cfg.data, info.vocab, info.tokens, label_key=cfg.label_key,
-                       batch_key=cfg.batch_key, where=cfg.where,
-                       gene_column=cfg.gene_column)  # fmt: skip
-    codes = _batch_codes(cfg, info.batches, query.batches, info.model.dsbn)
+    query = load_cells(
+        cfg.data,
+        info.vocab,
+        info.tokens,
+        label_key=cfg.label_key,
+        batch_key=cfg.batch_key,
+        where=cfg.where,
+        gene_column=cfg.gene_column,
+    )
+    codes = _batch_codes(cfg, info.batches, query.batches, bool(info.model.n_dsbn))
     labelled = np.array([v is not None for v in query.labels.tolist()])
     truth = query.labels[labelled].astype(str)
-    res: dict[str, Any] = {"run": cfg.run, "n_cells": query.tokens.n_cells,
-                           "n_unlabelled": int((~labelled).sum())}  # fmt: skip
+    res: dict[str, Any] = {
+        "run": cfg.run,
+        "n_cells": query.tokens.n_cells,
+        "n_unlabelled": int((~labelled).sum()),
+    }
     per_cell: dict[str, np.ndarray] = {}
     if info.model.n_cls:
         pred = predict(model, info.labels or [], query.tokens, codes, cfg.unknown_threshold)
@@ -133,25 +155,37 @@ def evaluate_run(cfg: EvaluateConfig) -> dict[str, Any]:
         per_cell = {"predicted_labels": pred.predicted_labels, "conf_score": pred.conf_score}
     emb = None
     if cfg.reference:
-        ref = load_cells(cfg.reference, info.vocab, info.tokens, label_key=cfg.label_key,
-                         batch_key=cfg.batch_key, where=cfg.reference_where,
-                         gene_column=cfg.gene_column)  # fmt: skip
-        ref_codes = _batch_codes(cfg, info.batches, ref.batches, info.model.dsbn)
+        ref = load_cells(
+            cfg.reference,
+            info.vocab,
+            info.tokens,
+            label_key=cfg.label_key,
+            batch_key=cfg.batch_key,
+            where=cfg.reference_where,
+            gene_column=cfg.gene_column,
+        )
+        ref_codes = _batch_codes(cfg, info.batches, ref.batches, bool(info.model.n_dsbn))
         has = np.array([v is not None for v in ref.labels.tolist()])
         ref_emb = embed(model, ref.tokens, ref_codes)[has]
         emb = embed(model, query.tokens, codes)
-        knn = knn_transfer(ref_emb, ref.labels[has].astype(str), emb, cfg.k, cfg.vote,
-                           cfg.unknown_threshold)  # fmt: skip
-        res["knn"] = {"k": cfg.k, "vote": cfg.vote, "n_reference": int(has.sum()),
-                      **annotation_metrics(truth, knn.predicted_labels[labelled])}  # fmt: skip
+        knn = knn_transfer(
+            ref_emb, ref.labels[has].astype(str), emb, cfg.k, cfg.vote, cfg.unknown_threshold
+        )
+        res["knn"] = {
+            "k": cfg.k,
+            "vote": cfg.vote,
+            "n_reference": int(has.sum()),
+            **annotation_metrics(truth, knn.predicted_labels[labelled]),
+        }
         per_cell.setdefault("predicted_labels", knn.predicted_labels)
         per_cell.setdefault("conf_score", knn.conf_score)
         per_cell["knn_labels"] = knn.predicted_labels
     if cfg.batch_key is not None:
         emb = embed(model, query.tokens, codes) if emb is None else emb
         batches = query.batches[labelled].astype(str)
-        res["integration"] = integration_metrics(l2_normalize(emb)[labelled], truth, batches,
-                                                 cfg.seed)  # fmt: skip
+        res["integration"] = integration_metrics(
+            l2_normalize(emb)[labelled], truth, batches, cfg.seed
+        )
     if cfg.predictions:
         _write_predictions(Path(cfg.predictions), query.obs_names, query.labels, per_cell)
     return res
@@ -188,6 +222,10 @@ def _write_predictions(
         writer.writerow(["cell", "label", *columns])
         for i, name in enumerate(names.tolist()):
             values = [columns[c][i] for c in columns]
-            writer.writerow([name, truth[i] or "",
-                             *(f"{v:.4f}" if isinstance(v, float | np.floating) else v
-                               for v in values)])  # fmt: skip
+            writer.writerow(
+                [
+                    name,
+                    truth[i] or "",
+                    *(f"{v:.4f}" if isinstance(v, float | np.floating) else v for v in values),
+                ]
+            )

@@ -13,7 +13,6 @@ mask ratio 0.4; lr 1e-4 decayed x0.9 per epoch). No labels are used.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -26,19 +25,13 @@ import torch
 from scgpt_runtime.errors import InputError
 
 from .cells import MISSING, codes_of, load_cells, minibatches
-from .checkpoint import RunInfo, save_run, write_json
+from .checkpoint import MetricsLog, RunInfo, save_run, write_json
 from .distributed import resolve_device
-from .finetune import (
-    batch_inputs,
-    build_model,
-    check_start,
-    codes_tensor,
-    run_provenance,
-    start_from,
-)
+from .inference import batch_inputs, codes_tensor
 from .model import ScGPT
 from .objectives import cross_entropy, ecs_loss, masked_mse
 from .pretrain import MASK_VALUE, step_seed
+from .start import build_model, check_start, run_provenance, start_from
 
 log = logging.getLogger(__name__)
 
@@ -93,9 +86,14 @@ def mask_values(
 
 
 def integration_losses(
-    model: ScGPT, gene_ids: torch.Tensor, values: torch.Tensor, padding_mask: torch.Tensor,
-    batch_labels: torch.Tensor, cfg: IntegrateConfig, gen: torch.Generator,
-) -> dict[str, torch.Tensor]:  # fmt: skip
+    model: ScGPT,
+    gene_ids: torch.Tensor,
+    values: torch.Tensor,
+    padding_mask: torch.Tensor,
+    batch_labels: torch.Tensor,
+    cfg: IntegrateConfig,
+    gen: torch.Generator,
+) -> dict[str, torch.Tensor]:
     """Every objective of one minibatch, unweighted, and "loss", their weighted sum."""
     masked_values, masked = mask_values(values, padding_mask, cfg.mask_ratio, gen)
     out = model(gene_ids, masked_values, padding_mask, batch_labels)
@@ -106,20 +104,31 @@ def integration_losses(
     }
     if "dab_output" in out:
         parts["dab"] = cross_entropy(out["dab_output"], batch_labels)
-    weights = {"gep": cfg.gep_weight, "gepc": cfg.gepc_weight, "ecs": cfg.ecs_weight,
-               "dab": cfg.dab_weight}  # fmt: skip
+    weights = {
+        "gep": cfg.gep_weight,
+        "gepc": cfg.gepc_weight,
+        "ecs": cfg.ecs_weight,
+        "dab": cfg.dab_weight,
+    }
     parts["loss"] = sum(weights[k] * v for k, v in parts.items())
     return parts
 
 
-def integrate(cfg: IntegrateConfig) -> dict[str, Any]:
+def finetune_integrate(cfg: IntegrateConfig) -> dict[str, Any]:
     """Fine-tune for batch integration; returns the summary also written to RUN/summary.json."""
     t0 = time.perf_counter()
     device = resolve_device(cfg.device)
-    start = start_from(cfg.from_run, cfg.preset, cfg.model, cfg.tokens, cfg.data,
-                       cfg.gene_column, cfg.seed)  # fmt: skip
-    cells = load_cells(cfg.data, start.vocab, start.tokens, batch_key=cfg.batch_key,
-                       where=cfg.where, gene_column=cfg.gene_column)  # fmt: skip
+    start = start_from(
+        cfg.from_run, cfg.preset, cfg.model, cfg.tokens, cfg.data, cfg.gene_column, cfg.seed
+    )
+    cells = load_cells(
+        cfg.data,
+        start.vocab,
+        start.tokens,
+        batch_key=cfg.batch_key,
+        where=cfg.where,
+        gene_column=cfg.gene_column,
+    )
     assert cells.batches is not None
     batch_names = sorted({b for b in cells.batches.tolist() if b is not None})
     if len(batch_names) < 2:
@@ -132,15 +141,19 @@ def integrate(cfg: IntegrateConfig) -> dict[str, Any]:
     if len(rows) < len(batch_codes):
         log.warning("%d cells without a batch label are left out", len(batch_codes) - len(rows))
     labels = start.info.labels if start.info is not None else None
-    heads = {"n_batch": len(batch_names), "use_batch_tokens": cfg.batch_tokens,
-             "dsbn": cfg.dsbn, "dab": cfg.dab_weight > 0}  # fmt: skip
+    n = len(batch_names)
+    heads = {
+        "n_batch_tokens": n if cfg.batch_tokens else 0,
+        "n_dsbn": n if cfg.dsbn else 0,
+        "n_dab": n if cfg.dab_weight > 0 else 0,
+    }
     model, report = build_model(start, heads, labels, batch_names, cfg.seed)
     model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     step, last = 0, {}
-    with (out / "metrics.jsonl").open("w") as metrics:
+    with MetricsLog(out) as metrics:
         for epoch in range(1, cfg.epochs + 1):
             for group in optimizer.param_groups:
                 group["lr"] = cfg.lr * cfg.lr_decay ** (epoch - 1)
@@ -155,9 +168,12 @@ def integrate(cfg: IntegrateConfig) -> dict[str, Any]:
                 gen = torch.Generator().manual_seed(step_seed(cfg.seed, epoch, step))
                 torch.manual_seed(step_seed(cfg.seed, epoch, step, 1))  # dropout
                 parts = integration_losses(
-                    model, *batch_inputs(cells.tokens, batch, device),
-                    codes_tensor(batch_codes, batch, device), cfg, gen,
-                )  # fmt: skip
+                    model,
+                    *batch_inputs(cells.tokens, batch, device),
+                    codes_tensor(batch_codes, batch, device),
+                    cfg,
+                    gen,
+                )
                 parts["loss"].backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 optimizer.step()
@@ -165,20 +181,32 @@ def integrate(cfg: IntegrateConfig) -> dict[str, Any]:
                 for k, v in parts.items():
                     sums[k] = sums.get(k, 0.0) + v.item()
                 n, step = n + 1, step + 1
-            last = {"epoch": epoch, "step": step, "lr": round(optimizer.param_groups[0]["lr"], 8),
-                    **{k: round(v / max(n, 1), 6) for k, v in sums.items()}}  # fmt: skip
-            metrics.write(json.dumps(last) + "\n")
-            metrics.flush()
+            last = {
+                "epoch": epoch,
+                "step": step,
+                "lr": round(optimizer.param_groups[0]["lr"], 8),
+                **{k: round(v / max(n, 1), 6) for k, v in sums.items()},
+            }
+            metrics.write(last)
             log.info("epoch %d/%d %s", epoch, cfg.epochs, last)
     info = RunInfo(
-        model.cfg, start.tokens, start.vocab, labels=labels, batches=batch_names,
+        model.cfg,
+        start.tokens,
+        start.vocab,
+        labels=labels,
+        batches=batch_names,
         train=asdict(cfg),
         provenance=run_provenance(cfg.data, start, report),
-    )  # fmt: skip
+    )
     save_run(out, model.cpu(), info)
-    summary = {"out": str(out), "n_cells": len(rows), "batches": batch_names,
-               "cells_per_batch": np.bincount(batch_codes[rows]).tolist(), **last,
-               "load_report": report.summary(),
-               "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
+    summary = {
+        "out": str(out),
+        "n_cells": len(rows),
+        "batches": batch_names,
+        "cells_per_batch": np.bincount(batch_codes[rows]).tolist(),
+        **last,
+        "load_report": report.summary(),
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
     write_json(out / "summary.json", summary)
     return summary

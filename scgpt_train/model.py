@@ -1,4 +1,5 @@
-"""The scGPT network in one file: config, parts (smallest first), and the model.
+"""The scGPT network: input encoders, the transformer and the model, smallest parts first; its
+hyper-parameters are `ModelConfig` (config.py), its output heads decoders.py.
 
 Parameter names equal those of the official checkpoints (`encoder.embedding.weight`,
 `transformer_encoder.layers.0.self_attn.Wqkv.weight`, ...), so `official.py` maps a released
@@ -13,102 +14,18 @@ state dict with a short rename table. Conventions used throughout:
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .config import PRESETS, ModelConfig
+from .decoders import AdversarialDiscriminator, ClsDecoder, ExprDecoder, MVCDecoder
+
+__all__ = ["PRESETS", "ModelConfig", "ScGPT"]
+
 MAX_VALUE = 512.0  # the official continuous value encoder clamps values at 512 (no lower clamp)
 MASK_BIAS = -1e4  # score bias of keys a query may not see: exp(-1e4) is 0, and fp16 can hold it
 BN_EPS = 6.1e-5  # eps of the official BatchNorm1d on embeddings (old `bn`, and DSBN)
-INPUT_EMBS = ("continuous", "category")
-
-
-@dataclass
-class ModelConfig:
-    vocab_size: int  # rows of the gene embedding: genes + <pad>, <cls>, <eoc>
-    pad_id: int  # id of <pad>: its embedding row gets no gradient (official padding_idx)
-    d_model: int = 512
-    n_head: int = 8
-    d_hid: int = 512  # hidden width of each block's feed-forward layer
-    n_layer: int = 12
-    dropout: float = 0.2  # embeddings, attention weights, residual branches; training only
-    n_bins: int = 51  # value bins incl. bin 0 (zero expression)
-    max_seq_len: int = 1200  # tokens per cell incl. <cls>, for the data pipeline: no positions
-    input_emb: str = "continuous"  # "continuous": MLP on the value; "category": one row per bin
-    n_cls: int = 0  # classes of the cell-type head (0 = no head)
-    n_layers_cls: int = 3  # linear layers of the cell-type head
-    n_batch: int = 0  # batch labels known to batch tokens / DSBN / DAB (0 = none)
-    use_batch_tokens: bool = False  # batch embedding concatenated to the decoders' inputs
-    dsbn: bool = False  # domain-specific BatchNorm on the input embeddings
-    dab: bool = False  # batch discriminator behind gradient reversal
-    explicit_zero: bool = False  # extra heads predicting P(value > 0)
-    pre_norm_bn: bool = False  # older checkpoints: BatchNorm1d on the summed input embedding
-
-    def __post_init__(self) -> None:
-        for name in ("vocab_size", "d_model", "n_head", "d_hid", "n_layer", "n_layers_cls"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.d_model % self.n_head:
-            raise ValueError(f"d_model {self.d_model} is not divisible by n_head {self.n_head}")
-        if not 0 <= self.pad_id < self.vocab_size:
-            raise ValueError(
-                f"pad_id {self.pad_id} is outside the vocabulary (0..{self.vocab_size - 1})"
-            )
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.input_emb not in INPUT_EMBS:
-            raise ValueError(f"input_emb must be one of {INPUT_EMBS}, got {self.input_emb!r}")
-        if self.n_bins < 2:
-            raise ValueError(f"n_bins must be at least 2, got {self.n_bins}")
-        if self.n_cls == 1 or self.n_cls < 0:
-            raise ValueError(f"n_cls must be 0 (no head) or at least 2, got {self.n_cls}")
-        if self.n_batch < 0:
-            raise ValueError(f"n_batch must be >= 0, got {self.n_batch}")
-        if (self.use_batch_tokens or self.dsbn or self.dab) and self.n_batch < 1:
-            raise ValueError("use_batch_tokens, dsbn and dab need n_batch >= 1")
-        if self.dsbn and self.pre_norm_bn:
-            raise ValueError("dsbn and pre_norm_bn exclude each other (one BatchNorm on the input)")
-
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_head
-
-    @classmethod
-    def from_name(cls, name: str, **overrides: Any) -> ModelConfig:
-        """A preset (see PRESETS) with `overrides`; vocab_size and pad_id must be among them."""
-        if name not in PRESETS:
-            raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
-        return cls(**{**PRESETS[name], **overrides})
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown model config fields: {sorted(unknown)}")
-        return cls(**d)
-
-
-PRESETS: dict[str, dict[str, Any]] = {
-    # fast on CPU: tests and demos
-    "small": {"d_model": 64, "n_head": 4, "d_hid": 128, "n_layer": 2, "max_seq_len": 256},
-    "base": {"d_model": 256, "n_head": 8, "d_hid": 512, "n_layer": 4},
-    # the released whole-human model (scGPT_human): 51,330,049 parameters with vocab 60,697
-    "whole-human": {
-        "d_model": 512,
-        "n_head": 8,
-        "d_hid": 512,
-        "n_layer": 12,
-        "n_bins": 51,
-        "max_seq_len": 1200,
-        "dropout": 0.2,
-    },
-}
 
 
 # ---------------------------------------------------------------------------- input encoders
@@ -162,16 +79,16 @@ class CategoryValueEncoder(nn.Module):
         return self.enc_norm(self.embedding(idx))  # (B, L, d)
 
 
-class BatchEncoder(nn.Module):
-    """Batch label -> LayerNorm(embedding): the "batch token" given to the decoders."""
+class LabelEncoder(nn.Module):
+    """Label -> LayerNorm(embedding): the batch token of a cell, the modality of a token."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, n: int, d_model: int):
         super().__init__()
-        self.embedding = nn.Embedding(cfg.n_batch, cfg.d_model)
-        self.enc_norm = nn.LayerNorm(cfg.d_model)
+        self.embedding = nn.Embedding(n, d_model)
+        self.enc_norm = nn.LayerNorm(d_model)
 
-    def forward(self, batch_labels: Tensor) -> Tensor:
-        return self.enc_norm(self.embedding(batch_labels))  # (B, d)
+    def forward(self, labels: Tensor) -> Tensor:
+        return self.enc_norm(self.embedding(labels))  # (B, d) or (B, L, d)
 
 
 class DSBN(nn.Module):
@@ -185,7 +102,7 @@ class DSBN(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.bns = nn.ModuleList(
-            nn.BatchNorm1d(cfg.d_model, eps=BN_EPS, affine=False) for _ in range(cfg.n_batch)
+            nn.BatchNorm1d(cfg.d_model, eps=BN_EPS, affine=False) for _ in range(cfg.n_dsbn)
         )
 
     def forward(self, x: Tensor, batch_labels: Tensor) -> Tensor:
@@ -281,96 +198,6 @@ def generative_mask(pcpt_pad: Tensor, gen_pad: Tensor) -> Tensor:
     return allowed[:, None]
 
 
-# ---------------------------------------------------------------------------- decoders
-
-
-def _mlp(d_in: int, d: int) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Linear(d_in, d), nn.LeakyReLU(), nn.Linear(d, d), nn.LeakyReLU(), nn.Linear(d, 1)
-    )
-
-
-class ExprDecoder(nn.Module):
-    """Per-token expression (GEP): MLP d_in -> d -> d -> 1; optional logit of P(value > 0)."""
-
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        d_in = 2 * cfg.d_model if cfg.use_batch_tokens else cfg.d_model
-        self.fc = _mlp(d_in, cfg.d_model)
-        self.zero_logit = _mlp(d_in, cfg.d_model) if cfg.explicit_zero else None
-
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
-        pred = self.fc(x).squeeze(-1)  # (B, L)
-        nonzero = self.zero_logit(x).squeeze(-1) if self.zero_logit is not None else None
-        return pred, nonzero
-
-
-class MVCDecoder(nn.Module):
-    """GEPC / MVC ("inner product"): pred[b, j] = < W(sigmoid(gene2query(g_j))), cell_emb[b] >."""
-
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        d, d_in = cfg.d_model, (2 * cfg.d_model if cfg.use_batch_tokens else cfg.d_model)
-        self.gene2query = nn.Linear(d, d)
-        self.W = nn.Linear(d, d_in, bias=False)
-        self.W_zero_logit = nn.Linear(d, d_in) if cfg.explicit_zero else None
-
-    def forward(self, cell_emb: Tensor, gene_embs: Tensor) -> tuple[Tensor, Tensor | None]:
-        query = torch.sigmoid(self.gene2query(gene_embs))  # (B, L, d)
-        pred = torch.einsum("bld,bd->bl", self.W(query), cell_emb)  # (B, L)
-        nonzero = None
-        if self.W_zero_logit is not None:
-            nonzero = torch.einsum("bld,bd->bl", self.W_zero_logit(query), cell_emb)  # (B, L)
-        return pred, nonzero
-
-
-def _hidden_layers(d: int, n_layers: int, act: type[nn.Module]) -> nn.Sequential:
-    """(Linear, act, LayerNorm) x (n_layers - 1): keys 0, 2, 3, 5, ... as official."""
-    return nn.Sequential(
-        *(m for _ in range(n_layers - 1) for m in (nn.Linear(d, d), act(), nn.LayerNorm(d)))
-    )
-
-
-class ClsDecoder(nn.Module):
-    """Cell-type head on the raw cell embedding: (Linear, ReLU, LayerNorm) x (n-1), Linear."""
-
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self._decoder = _hidden_layers(cfg.d_model, cfg.n_layers_cls, nn.ReLU)
-        self.out_layer = nn.Linear(cfg.d_model, cfg.n_cls)
-
-    def forward(self, cell_emb: Tensor) -> Tensor:
-        return self.out_layer(self._decoder(cell_emb))  # (B, n_cls)
-
-
-class _GradReverse(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: Tensor) -> Tensor:
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> Tensor:
-        return -grad
-
-
-def grad_reverse(x: Tensor) -> Tensor:
-    """Identity forward; the gradient flows back with its sign flipped (lambda = 1, official)."""
-    return _GradReverse.apply(x)
-
-
-class AdversarialDiscriminator(nn.Module):
-    """DAB: predicts the batch label from the cell embedding through gradient reversal, so the
-    encoder learns to hide the batch. Three linear layers with LeakyReLU (official)."""
-
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self._decoder = _hidden_layers(cfg.d_model, 3, nn.LeakyReLU)
-        self.out_layer = nn.Linear(cfg.d_model, cfg.n_batch)
-
-    def forward(self, cell_emb: Tensor) -> Tensor:
-        return self.out_layer(self._decoder(grad_reverse(cell_emb)))  # (B, n_batch)
-
-
 # ---------------------------------------------------------------------------- the model
 
 
@@ -386,30 +213,47 @@ class ScGPT(nn.Module):
         )
         self.value_encoder = value_encoder(cfg)
         self.flag_encoder = nn.Embedding(2, cfg.d_model)  # row 1 marks a gen token
+        self.pert_encoder = nn.Embedding(cfg.n_pert, cfg.d_model) if cfg.n_pert else None
         self.bn = nn.BatchNorm1d(cfg.d_model, eps=BN_EPS) if cfg.pre_norm_bn else None
-        self.batch_encoder = BatchEncoder(cfg) if cfg.use_batch_tokens else None
-        self.dsbn = DSBN(cfg) if cfg.dsbn else None
+        self.batch_encoder = (
+            LabelEncoder(cfg.n_batch_tokens, cfg.d_model) if cfg.n_batch_tokens else None
+        )
+        self.mod_encoder = LabelEncoder(cfg.n_mod, cfg.d_model) if cfg.n_mod else None
+        self.dsbn = DSBN(cfg) if cfg.n_dsbn else None
         self.transformer_encoder = TransformerEncoder(cfg)
         self.decoder = ExprDecoder(cfg)
         self.mvc_decoder = MVCDecoder(cfg)
         self.cls_decoder = ClsDecoder(cfg) if cfg.n_cls else None
-        self.grad_reverse_discriminator = AdversarialDiscriminator(cfg) if cfg.dab else None
+        self.grad_reverse_discriminator = AdversarialDiscriminator(cfg) if cfg.n_dab else None
         nn.init.uniform_(self.encoder.embedding.weight, -0.1, 0.1)  # official init
 
-    def _normalize_input(self, x: Tensor, batch_labels: Tensor | None) -> Tensor:
+    def embed_inputs(
+        self,
+        gene_ids: Tensor,
+        values: Tensor,
+        batch_labels: Tensor | None = None,
+        pert_flags: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """The input embedding of every token (B, L, d) and the gene embeddings (B, L, d).
+
+        A token is gene + value. `values` (B, Lv) may be shorter than `gene_ids` (B, L): the
+        last L - Lv tokens are gen tokens (generative pretraining), gene + the gen flag, their
+        values unseen. `pert_flags` (B, L) add the perturbation flag embedding. Then the input
+        BatchNorm (old checkpoints) or DSBN (by `batch_labels`)."""
+        gene_embs = self.encoder(gene_ids)  # (B, L, d)
+        value_embs = self.value_encoder(values)  # (B, Lv, d)
+        B, L, d = gene_embs.shape
+        if values.shape[1] < L:
+            flags = self.flag_encoder.weight[1].expand(B, L - values.shape[1], d)
+            value_embs = torch.cat([value_embs, flags.to(value_embs.dtype)], dim=1)
+        x = gene_embs + value_embs
+        if pert_flags is not None:
+            x = x + self.pert_encoder(_required(self.pert_encoder, pert_flags, "n_pert"))
         if self.bn is not None:
             x = self.bn(x.transpose(1, 2)).transpose(1, 2)  # BatchNorm over d: (B, d, L)
         if self.dsbn is not None:
-            x = self.dsbn(x, _required(batch_labels, "dsbn"))
-        return x
-
-    def _encode(
-        self, gene_ids: Tensor, values: Tensor, padding_mask: Tensor, batch_labels: Tensor | None
-    ) -> tuple[Tensor, Tensor]:
-        gene_embs = self.encoder(gene_ids)  # (B, L, d)
-        x = self._normalize_input(gene_embs + self.value_encoder(values), batch_labels)
-        bias = attn_bias(padding_attn_mask(padding_mask), x.dtype)  # (B, 1, 1, L)
-        return self.transformer_encoder(x, bias), gene_embs
+            x = self.dsbn(x, _required(self.dsbn, batch_labels, "n_dsbn"))
+        return x, gene_embs
 
     def encode(
         self,
@@ -417,10 +261,12 @@ class ScGPT(nn.Module):
         values: Tensor,
         padding_mask: Tensor,
         batch_labels: Tensor | None = None,
+        pert_flags: Tensor | None = None,
     ) -> Tensor:
         """Token outputs (B, L, d) for gene_ids (B, L) int64, values (B, L) float,
         padding_mask (B, L) bool (True = pad); batch_labels (B,) only for DSBN."""
-        return self._encode(gene_ids, values, padding_mask, batch_labels)[0]
+        x, _ = self.embed_inputs(gene_ids, values, batch_labels, pert_flags=pert_flags)
+        return self.transformer_encoder(x, attn_bias(padding_attn_mask(padding_mask), x.dtype))
 
     def cell_embedding(
         self,
@@ -433,24 +279,34 @@ class ScGPT(nn.Module):
         return self.encode(gene_ids, values, padding_mask, batch_labels)[:, 0]
 
     def _heads(
-        self, out: Tensor, gene_embs: Tensor, batch_labels: Tensor | None
+        self,
+        out: Tensor,
+        gene_embs: Tensor,
+        batch_labels: Tensor | None,
+        mod_ids: Tensor | None = None,
     ) -> dict[str, Tensor]:
-        """Decoders on token outputs `out` (B, L, d); the cell embedding is out[:, 0]."""
+        """Decoders on token outputs `out` (B, L, d); the cell embedding is out[:, 0]. The batch
+        embedding (per cell) and the modality embedding (per token, `mod_ids` (B, L)) are
+        concatenated to the decoders' inputs, as official."""
         cell_emb = out[:, 0]  # (B, d)
-        dec_in, mvc_in = out, cell_emb
+        dec_in, mvc_in = [out], [cell_emb]
         if self.batch_encoder is not None:
-            batch_emb = self.batch_encoder(_required(batch_labels, "use_batch_tokens"))  # (B, d)
-            dec_in = torch.cat([out, batch_emb[:, None].expand_as(out)], dim=-1)  # (B, L, 2d)
-            mvc_in = torch.cat([cell_emb, batch_emb], dim=-1)  # (B, 2d)
+            batch_emb = self.batch_encoder(
+                _required(self.batch_encoder, batch_labels, "n_batch_tokens")
+            )  # (B, d)
+            dec_in.append(batch_emb[:, None].expand_as(out))
+            mvc_in.append(batch_emb)
+        if self.mod_encoder is not None:
+            dec_in.append(self.mod_encoder(_required(self.mod_encoder, mod_ids, "n_mod")))
         res = {"cell_emb": cell_emb}
-        res["mlm_output"], mlm_nonzero = self.decoder(dec_in)  # (B, L)
-        res["mvc_output"], mvc_nonzero = self.mvc_decoder(mvc_in, gene_embs)  # (B, L)
+        res["mlm_output"], mlm_nonzero = self.decoder(torch.cat(dec_in, dim=-1))  # (B, L)
+        res["mvc_output"], mvc_nonzero = self.mvc_decoder(torch.cat(mvc_in, dim=-1), gene_embs)
         if mlm_nonzero is not None:
             res["mlm_nonzero_logits"], res["mvc_nonzero_logits"] = mlm_nonzero, mvc_nonzero
         if self.cls_decoder is not None:
             res["cls_output"] = self.cls_decoder(cell_emb)  # (B, n_cls)
         if self.grad_reverse_discriminator is not None:
-            res["dab_output"] = self.grad_reverse_discriminator(cell_emb)  # (B, n_batch)
+            res["dab_output"] = self.grad_reverse_discriminator(cell_emb)  # (B, n_dab)
         return res
 
     def forward(
@@ -459,17 +315,21 @@ class ScGPT(nn.Module):
         values: Tensor,
         padding_mask: Tensor,
         batch_labels: Tensor | None = None,
+        mod_ids: Tensor | None = None,
+        pert_flags: Tensor | None = None,
     ) -> dict[str, Tensor]:
-        """Encoder pass and every head the config enables (inputs as in `encode`).
+        """Encoder pass and every head the config enables (inputs as in `encode`; mod_ids
+        (B, L) with n_mod, pert_flags (B, L) with n_pert).
 
         Returns "cell_emb" (B, d); "mlm_output" (B, L): per-token expression (GEP);
         "mvc_output" (B, L): expression from the cell embedding (GEPC); with explicit_zero,
         "mlm_nonzero_logits" / "mvc_nonzero_logits" (B, L): logits of P(value > 0) (the
         official "zero_probs" are their sigmoid); with n_cls, "cls_output" (B, n_cls) logits;
-        with dab, "dab_output" (B, n_batch) logits.
+        with n_dab, "dab_output" (B, n_dab) logits.
         """
-        out, gene_embs = self._encode(gene_ids, values, padding_mask, batch_labels)
-        return self._heads(out, gene_embs, batch_labels)
+        x, gene_embs = self.embed_inputs(gene_ids, values, batch_labels, pert_flags=pert_flags)
+        out = self.transformer_encoder(x, attn_bias(padding_attn_mask(padding_mask), x.dtype))
+        return self._heads(out, gene_embs, batch_labels, mod_ids)
 
     def forward_generative(
         self,
@@ -491,15 +351,13 @@ class ScGPT(nn.Module):
         "gen_pred", "mvc_pcpt_pred", "mvc_gen_pred" (B, Lp) / (B, Lg).
         """
         Lp = pcpt_gene.shape[1]
-        pcpt_embs, gen_embs = self.encoder(pcpt_gene), self.encoder(gen_gene)  # (B, Lp|Lg, d)
-        x_pcpt = pcpt_embs + self.value_encoder(pcpt_values)  # (B, Lp, d)
-        x_gen = gen_embs + self.flag_encoder.weight[1]  # (B, Lg, d)
-        x = self._normalize_input(torch.cat([x_pcpt, x_gen], dim=1), batch_labels)  # (B, L, d)
+        gene_ids = torch.cat([pcpt_gene, gen_gene], dim=1)  # (B, Lp + Lg): gen tokens last
+        x, gene_embs = self.embed_inputs(gene_ids, pcpt_values, batch_labels)
         if input_cell_emb is not None:
             x = torch.cat([input_cell_emb[:, None].to(x.dtype), x[:, 1:]], dim=1)
         bias = attn_bias(generative_mask(pcpt_pad, gen_pad), x.dtype)  # (B, 1, L, L)
         out = self.transformer_encoder(x, bias)  # (B, L, d)
-        res = self._heads(out, torch.cat([pcpt_embs, gen_embs], dim=1), batch_labels)
+        res = self._heads(out, gene_embs, batch_labels)
         res["pcpt_out"], res["gen_out"] = out[:, :Lp], out[:, Lp:]
         res["pcpt_pred"], res["gen_pred"] = res["mlm_output"][:, :Lp], res["mlm_output"][:, Lp:]
         res["mvc_pcpt_pred"] = res["mvc_output"][:, :Lp]
@@ -507,7 +365,11 @@ class ScGPT(nn.Module):
         return res
 
 
-def _required(batch_labels: Tensor | None, feature: str) -> Tensor:
-    if batch_labels is None:
-        raise ValueError(f"this model uses {feature}: pass batch_labels")
-    return batch_labels
+def _required(part: nn.Module | None, given: Tensor | None, field: str) -> Tensor:
+    """`given`, the input a part of the model needs; a clear error where it is missing or the
+    model lacks the part."""
+    if part is None:
+        raise ValueError(f"this model has no {field} part for that input")
+    if given is None:
+        raise ValueError(f"this model uses {field}: pass its input")
+    return given

@@ -55,7 +55,6 @@ KEY_MAP: list[tuple[str, str | None]] = [
     (r"\.self_attn\.in_proj_bias$", ".self_attn.Wqkv.bias"),
     (r"^cls_decoder\.(cls_token_matrix|embed_norm\.|token_norm\.)", None),  # SimDecoder head
     (r"^mvc_decoder\.(fc1|fc2|hidden_activation)\.", None),  # "concat/sum query" MVC styles
-    (r"^(pert_encoder|mod_encoder)\.", None),  # perturbation / multi-omics token embeddings
 ]
 _DROP_REASON = "official part this model does not implement"
 
@@ -188,19 +187,16 @@ def _heads_in(state: dict[str, Tensor], vocab_size: int) -> dict[str, Any]:
         kw["n_layers_cls"] = (
             1 + sum(bool(re.fullmatch(r"cls_decoder\._decoder\.\d+\.weight", k)) for k in ours) // 2
         )  # each hidden layer has a Linear and a LayerNorm weight
-    n_batch = 0
-    if "batch_encoder.embedding.weight" in ours:
-        kw["use_batch_tokens"] = True
-        n_batch = ours["batch_encoder.embedding.weight"].shape[0]
+    rows = {  # the embedding (or output) whose first axis sizes each optional part
+        "n_batch_tokens": "batch_encoder.embedding.weight",
+        "n_dab": "grad_reverse_discriminator.out_layer.weight",
+        "n_mod": "mod_encoder.embedding.weight",
+        "n_pert": "pert_encoder.weight",
+    }
+    kw |= {field: ours[key].shape[0] for field, key in rows.items() if key in ours}
     dsbn = {m.group(1) for k in ours if (m := re.match(r"dsbn\.bns\.(\d+)\.", k))}
     if dsbn:
-        kw["dsbn"] = True
-        n_batch = max(n_batch, len(dsbn))
-    if "grad_reverse_discriminator.out_layer.weight" in ours:
-        kw["dab"] = True
-        n_batch = max(n_batch, ours["grad_reverse_discriminator.out_layer.weight"].shape[0])
-    if n_batch:
-        kw["n_batch"] = n_batch
+        kw["n_dsbn"] = len(dsbn)
     return kw
 
 

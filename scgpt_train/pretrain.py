@@ -10,7 +10,6 @@ seeded by (seed, step, rank), so a resumed run repeats an uninterrupted one exac
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -29,6 +28,7 @@ from scgpt_runtime.vocab import Vocab
 
 from . import distributed
 from .checkpoint import (
+    MetricsLog,
     RunInfo,
     command_line,
     created,
@@ -37,7 +37,7 @@ from .checkpoint import (
     save_run,
     write_json,
 )
-from .data import CellStream, Position, build_vocab, open_sources, take, validation_cells
+from .data import CellStream, Position, build_vocab, open_sources, validation_cells
 from .model import ModelConfig, ScGPT
 
 log = logging.getLogger(__name__)
@@ -148,14 +148,19 @@ def mask_observed(batch: dict[str, torch.Tensor], ratio: float, keys: torch.Tens
 
 
 def losses(
-    model: torch.nn.Module, batch: dict[str, torch.Tensor], masked: torch.Tensor | None,
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    masked: torch.Tensor | None,
     norm: dict[str, torch.Tensor],
-) -> dict[str, torch.Tensor]:  # fmt: skip
+) -> dict[str, torch.Tensor]:
     """Sums of squared errors divided by `norm` (token counts over all ranks / world)."""
     out = model(
-        batch["pcpt_gene"], batch["pcpt_values"], batch["pcpt_pad"], batch["gen_gene"],
+        batch["pcpt_gene"],
+        batch["pcpt_values"],
+        batch["pcpt_pad"],
+        batch["gen_gene"],
         batch["gen_pad"],
-    )  # fmt: skip
+    )
     gen = (~batch["gen_pad"]).to(out["gen_pred"].dtype)
     target = batch["gen_values"]
     res = {
@@ -195,9 +200,13 @@ def pretrain(cfg: PretrainConfig, progress: Callable[..., None] | None = None) -
     tok_cfg = TokenConfig(**{**defaults, "selection": "sample", "seed": cfg.seed, **cfg.tokens})
     sources = open_sources(paths, vocab, cfg.gene_column)
     stream = CellStream(
-        sources, vocab, tok_cfg, batch_size=cfg.batch_size, seed=cfg.seed,
+        sources,
+        vocab,
+        tok_cfg,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
         val_fraction=cfg.val_fraction,
-    )  # fmt: skip
+    )
     val = validation_cells(sources, vocab, tok_cfg, cfg.seed, cfg.val_fraction, cfg.val_cells)
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
@@ -216,7 +225,7 @@ def pretrain(cfg: PretrainConfig, progress: Callable[..., None] | None = None) -
     net = DistributedDataParallel(_Generative(model)) if d.world > 1 else _Generative(model)
 
     batches = stream.batches(position, d.rank, d.world)
-    metrics = (out / "metrics.jsonl").open("a") if d.main else None
+    metrics = MetricsLog(out, step if cfg.resume else None) if d.main else None
     meter = _Meter()
     last: dict[str, Any] = {}
     model.train()
@@ -234,14 +243,17 @@ def pretrain(cfg: PretrainConfig, progress: Callable[..., None] | None = None) -
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        last = {"step": step, **{k: round(v, 6) for k, v in totals.items()},
-                "lr": lr_at(step - 1, cfg), "grad_norm": round(float(grad_norm), 4),
-                **meter.rates()}  # fmt: skip
+        last = {
+            "step": step,
+            **{k: round(v, 6) for k, v in totals.items()},
+            "lr": lr_at(step - 1, cfg),
+            "grad_norm": round(float(grad_norm), 4),
+            **meter.rates(),
+        }
         if val is not None and (step % cfg.eval_every == 0 or step == cfg.max_steps):
             last["val_loss"] = round(evaluate(model, val, cfg.seed, vocab, tok_cfg, d), 6)
         if metrics and (step % cfg.log_every == 0 or "val_loss" in last or step == cfg.max_steps):
-            metrics.write(json.dumps(last) + "\n")
-            metrics.flush()
+            metrics.write(last)
             if progress is None:
                 log.info("step %d/%d %s", step, cfg.max_steps, _brief(last))
         if d.main and progress is not None:
@@ -258,9 +270,15 @@ def pretrain(cfg: PretrainConfig, progress: Callable[..., None] | None = None) -
 
 
 def _micro_step(
-    net: torch.nn.Module, tokens: TokenBlock, cfg: PretrainConfig, tok_cfg: TokenConfig,
-    vocab: Vocab, d: distributed.Dist, step: int, micro: int,
-) -> tuple[dict[str, float], int]:  # fmt: skip
+    net: torch.nn.Module,
+    tokens: TokenBlock,
+    cfg: PretrainConfig,
+    tok_cfg: TokenConfig,
+    vocab: Vocab,
+    d: distributed.Dist,
+    step: int,
+    micro: int,
+) -> tuple[dict[str, float], int]:
     """Forward and backward of one micro-batch; returns the global mean losses and token count.
 
     Random draws are made for the whole global batch and sliced, so every rank's cells are split
@@ -300,8 +318,10 @@ class _Meter:
 
     def rates(self) -> dict[str, float]:
         elapsed = time.perf_counter() - self.t0
-        return {"cells_per_s": round(self.cells / elapsed, 1),
-                "tokens_per_s": round(self.tokens / elapsed, 1)}  # fmt: skip
+        return {
+            "cells_per_s": round(self.cells / elapsed, 1),
+            "tokens_per_s": round(self.tokens / elapsed, 1),
+        }
 
 
 def _brief(m: dict[str, Any]) -> str:
@@ -310,9 +330,11 @@ def _brief(m: dict[str, Any]) -> str:
 
 
 def _norms(
-    batch: dict[str, torch.Tensor], masked: torch.Tensor | None, d: distributed.Dist,
+    batch: dict[str, torch.Tensor],
+    masked: torch.Tensor | None,
+    d: distributed.Dist,
     grad_accum: int,
-) -> dict[str, torch.Tensor]:  # fmt: skip
+) -> dict[str, torch.Tensor]:
     """Token counts over all ranks / world x grad_accum. DDP averages gradients over ranks, so
     dividing each rank's sum by this makes the update that of the mean over every token."""
     zero = torch.zeros((), device=d.device)
@@ -325,9 +347,13 @@ def _norms(
 
 @torch.no_grad()
 def evaluate(
-    model: ScGPT, val: TokenBlock, seed: int, vocab: Vocab, tok_cfg: TokenConfig,
+    model: ScGPT,
+    val: TokenBlock,
+    seed: int,
+    vocab: Vocab,
+    tok_cfg: TokenConfig,
     d: distributed.Dist,
-) -> float:  # fmt: skip
+) -> float:
     """Generative loss (GEP + GEPC) on the held-out cells at gen fraction 0.5, fixed split."""
     model.eval()
     gen = torch.Generator().manual_seed(step_seed(seed, 0xFFFF_FFFF))
@@ -335,7 +361,7 @@ def evaluate(
     total, count = 0.0, 0.0
     for lo in range(0, val.n_cells, 64):
         rows = np.arange(lo, min(lo + 64, val.n_cells))
-        block = take(val, rows, trim=True)
+        block = val.take(rows, trim=True)
         batch = split_generative(block, 0.5, keys[rows], vocab.pad_id, tok_cfg.pad_value)
         batch = {k: v.to(d.device) for k, v in batch.items()}
         n = (~batch["gen_pad"]).sum()

@@ -71,9 +71,12 @@ def write_generated(path: Path, n_cells: int, layout: str, seed: int = 0) -> Non
         f.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
         x = f.create_group("X")
         x.attrs.update(
-            {"encoding-type": f"{layout}_matrix", "encoding-version": "0.1.0",
-             "shape": (n_cells, N_GENES)}
-        )  # fmt: skip
+            {
+                "encoding-type": f"{layout}_matrix",
+                "encoding-version": "0.1.0",
+                "shape": (n_cells, N_GENES),
+            }
+        )
         data = x.create_dataset("data", (0,), "f4", maxshape=(None,), chunks=(1 << 20,))
         indices = x.create_dataset("indices", (0,), "i4", maxshape=(None,), chunks=(1 << 20,))
         indptr = np.arange(n_major + 1, dtype=np.int64) * per_major
@@ -95,9 +98,10 @@ def write_generated(path: Path, n_cells: int, layout: str, seed: int = 0) -> Non
             g.attrs.update({"_index": "_index", "column-order": np.array([], dtype="S")})
             prefix = "c" if name == "obs" else "G"
             g.create_dataset(
-                "_index", data=np.array([f"{prefix}{i}" for i in range(n)], dtype=object),
+                "_index",
+                data=np.array([f"{prefix}{i}" for i in range(n)], dtype=object),
                 dtype=h5py.string_dtype(),
-            )  # fmt: skip
+            )
             g["_index"].attrs.update({"encoding-type": "string-array", "encoding-version": "0.2.0"})
 
 
@@ -124,13 +128,19 @@ def main() -> None:
         n, whole, stream = min((pipeline(path) for _ in range(3)), key=lambda r: r[1])
         nnz = _mean_nnz(path)
         results["liao"].append(
-            {"file": path.name, "cells": n, "nnz_per_cell": nnz,
-             "cells_per_s": n / whole, "streaming_cells_per_s": n / stream}
-        )  # fmt: skip
+            {
+                "file": path.name,
+                "cells": n,
+                "nnz_per_cell": nnz,
+                "cells_per_s": n / whole,
+                "streaming_cells_per_s": n / stream,
+            }
+        )
         print(
             f"{path.name}: {n} cells, {nnz:.0f} nnz/cell: {n / whole:,.0f} cells/s "
-            f"({n / stream:,.0f} cells/s streaming, without open + gene matching)", flush=True,
-        )  # fmt: skip
+            f"({n / stream:,.0f} cells/s streaming, without open + gene matching)",
+            flush=True,
+        )
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         for n_cells in args.sizes:
             for layout in ("csr", "csc"):
@@ -138,14 +148,17 @@ def main() -> None:
                 write_generated(path, n_cells, layout)
                 out = subprocess.run(
                     [sys.executable, __file__, "--child", str(path)],
-                    capture_output=True, text=True, check=True,
-                )  # fmt: skip
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                )
                 r = json.loads(out.stdout) | {"n_cells": n_cells, "layout": layout}
                 results["generated"].append(r)
                 print(
                     f"{n_cells} cells {layout}: {r['cells'] / r['seconds']:,.0f} cells/s, "
-                    f"peak RSS {r['peak_rss_mb']:.0f} MB", flush=True,
-                )  # fmt: skip
+                    f"peak RSS {r['peak_rss_mb']:.0f} MB",
+                    flush=True,
+                )
                 path.unlink()
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

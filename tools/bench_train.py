@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from scgpt_runtime.tokens import TokenConfig
-from scgpt_train.data import build_vocab, open_sources, read_tokens, take
+from scgpt_train.data import build_vocab, open_sources, read_tokens
 from scgpt_train.distributed import Dist, resolve_device
 from scgpt_train.model import ModelConfig, ScGPT
 from scgpt_train.pretrain import PretrainConfig, _Generative, _micro_step
@@ -51,8 +51,8 @@ def bench(preset: str, batch_size: int, steps: int, device: torch.device) -> dic
     d = Dist(device=device)
     n_tokens, n_cells, elapsed = 0, 0, 0.0
     for step in range(steps + 2):  # 2 warm-up steps
-        batch = take(
-            cells, rows[(step * batch_size + np.arange(batch_size)) % cells.n_cells], trim=True
+        batch = cells.take(
+            rows[(step * batch_size + np.arange(batch_size)) % cells.n_cells], trim=True
         )
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -68,12 +68,15 @@ def bench(preset: str, batch_size: int, steps: int, device: torch.device) -> dic
             n_cells += batch_size
     seq_len = n_tokens / n_cells
     result = {
-        "preset": preset, "device": str(device), "batch_size": batch_size,
+        "preset": preset,
+        "device": str(device),
+        "batch_size": batch_size,
         "params": sum(p.numel() for p in model.parameters()),
-        "tokens_per_cell": round(seq_len, 1), "cells_per_s": round(n_cells / elapsed, 2),
+        "tokens_per_cell": round(seq_len, 1),
+        "cells_per_s": round(n_cells / elapsed, 2),
         "tokens_per_s": round(n_tokens / elapsed, 1),
         "achieved_tflops": round(n_tokens * flops_per_token(cfg, int(seq_len)) / elapsed / 1e12, 4),
-    }  # fmt: skip
+    }
     return result
 
 

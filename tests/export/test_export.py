@@ -16,9 +16,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
+
 from scgpt_export import TOLERANCE, ToleranceError, export_run
 from scgpt_export.cli import cli
-
 from scgpt_runtime.bundle import load_bundle
 from scgpt_runtime.genes import match_genes
 from scgpt_runtime.io import open_counts
@@ -98,18 +98,9 @@ def session(path, optimized=None) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def feed(block, rows=slice(None)) -> dict[str, np.ndarray]:
-    return {
-        "gene_ids": block.gene_ids[rows],
-        "values": block.values[rows],
-        "padding_mask": block.padding_mask[rows],
-    }
-
-
 @torch.no_grad()
 def pytorch(model, block) -> dict[str, np.ndarray]:
-    ids, values, pad = (torch.from_numpy(a) for a in feed(block).values())
-    cell_emb = model.cell_embedding(ids, values, pad)
+    cell_emb = model.cell_embedding(*(torch.from_numpy(a) for a in block.inputs.values()))
     return {
         "cell_emb": cell_emb.numpy(),
         "cell_emb_normalized": F.normalize(cell_emb, dim=-1).numpy(),
@@ -123,14 +114,15 @@ def test_bundle_serves_unseen_real_cells_like_pytorch(bundle, small_run, kang):
     model, _ = load_run(small_run)
     assert b.precisions == ["fp32", "fp16", "int8"]
     for length in (MAX_LEN, SHORT):
-        block, _ = kang_cells(kang, b.vocab, replace(b.tokens, max_seq_len=length),
-                              N_TRAIN, N_TRAIN + 100)  # fmt: skip
+        block, _ = kang_cells(
+            kang, b.vocab, replace(b.tokens, max_seq_len=length), N_TRAIN, N_TRAIN + 100
+        )
         expected = pytorch(model, block)
         for precision in b.precisions:
             v = b.variant(precision, length)
             assert v.max_seq_len == length
             names = ["cell_emb", "cell_emb_normalized", "class_probs"]
-            got = dict(zip(names, session(v.path).run(names, feed(block)), strict=True))
+            got = dict(zip(names, session(v.path).run(names, block.inputs), strict=True))
             top1 = (got["class_probs"].argmax(1) == expected["class_probs"].argmax(1)).mean()
             if precision == "fp32":
                 for name in names:
@@ -145,22 +137,31 @@ def test_bundle_serves_unseen_real_cells_like_pytorch(bundle, small_run, kang):
             np.testing.assert_allclose(got["class_probs"].sum(1), 1.0, atol=1e-3)
 
 
-def test_short_graph_equals_long_graph_on_short_cells(bundle, small_run, kang):
-    """A cell padded to 32 or to 64 tokens gets the same embedding: pads carry no weight."""
+def test_one_graph_per_precision_serves_every_length(bundle, kang):
+    """A cell padded to 32 or to 64 tokens gets the same embedding from the one graph of its
+    precision, whose length axis is symbolic: pads carry no weight."""
     b = load_bundle(bundle[0])
+    assert {v.path for v in b.variants if v.precision == "fp32"} == {b.variant("fp32").path}
     short, _ = kang_cells(kang, b.vocab, replace(b.tokens, max_seq_len=SHORT), 300, 340)
-    padded = replace(
-        short,
-        gene_ids=np.pad(short.gene_ids, ((0, 0), (0, MAX_LEN - SHORT)),
-                        constant_values=b.vocab.pad_id),
-        values=np.pad(short.values, ((0, 0), (0, MAX_LEN - SHORT)),
-                      constant_values=b.tokens.pad_value),
-        padding_mask=np.pad(short.padding_mask, ((0, 0), (0, MAX_LEN - SHORT)),
-                            constant_values=True),
-    )  # fmt: skip
-    a = session(b.variant("fp32", SHORT).path).run(["cell_emb"], feed(short))[0]
-    c = session(b.variant("fp32", MAX_LEN).path).run(["cell_emb"], feed(padded))[0]
+    pads = {s.name: s.pad for s in b.inputs}
+    padded = {
+        k: np.pad(a, ((0, 0), (0, MAX_LEN - SHORT)), constant_values=pads[k])
+        for k, a in short.inputs.items()
+    }
+    s = session(b.variant("fp32").path)
+    a = s.run(["cell_emb"], short.inputs)[0]
+    c = s.run(["cell_emb"], padded)[0]
     np.testing.assert_allclose(a, c, rtol=0, atol=1e-5)
+
+
+def test_parameters_are_counted_at_export(bundle, small_run):
+    """The served model: everything but the training-only decoders and the gen flag."""
+    model, _ = load_run(small_run)
+    training_only = ("decoder", "mvc_decoder", "flag_encoder")
+    served = sum(
+        p.numel() for n, p in model.named_parameters() if n.split(".")[0] not in training_only
+    )
+    assert load_bundle(bundle[0]).parameters == served
 
 
 def test_cls_only_cell_and_batch_sizes(bundle):
@@ -177,8 +178,11 @@ def test_cls_only_cell_and_batch_sizes(bundle):
     values[4, 1:10] = 50.0
     for v in b.variants:
         s = session(v.path)
-        x = {"gene_ids": ids[:, : v.max_seq_len], "values": values[:, : v.max_seq_len],
-             "padding_mask": pad[:, : v.max_seq_len]}  # fmt: skip
+        x = {
+            "gene_ids": ids[:, : v.max_seq_len],
+            "values": values[:, : v.max_seq_len],
+            "padding_mask": pad[:, : v.max_seq_len],
+        }
         together = s.run(None, x)
         alone = s.run(None, {k: a[:1] for k, a in x.items()})
         assert all(np.isfinite(o).all() for o in [*together, *alone])
@@ -192,15 +196,20 @@ def test_graph_interface_and_attention_fusion(bundle, tmp_path):
     b = load_bundle(bundle[0])
     graph = onnx.load(b.variant("fp32").path)
     dims = [
-        (i.name, i.type.tensor_type.elem_type, [d.dim_param or d.dim_value
-                                                for d in i.type.tensor_type.shape.dim])
+        (
+            i.name,
+            i.type.tensor_type.elem_type,
+            [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim],
+        )
         for i in [*graph.graph.input, *graph.graph.output]
-    ]  # fmt: skip
+    ]
     F32, I64, B = onnx.TensorProto.FLOAT, onnx.TensorProto.INT64, onnx.TensorProto.BOOL
+    length = dims[0][2][1]
+    assert isinstance(length, str), "the length axis is symbolic"
     assert dims == [
-        ("gene_ids", I64, ["batch", MAX_LEN]),
-        ("values", F32, ["batch", MAX_LEN]),
-        ("padding_mask", B, ["batch", MAX_LEN]),
+        ("gene_ids", I64, ["batch", length]),
+        ("values", F32, ["batch", length]),
+        ("padding_mask", B, ["batch", length]),
         ("cell_emb", F32, ["batch", 64]),
         ("cell_emb_normalized", F32, ["batch", 64]),
         ("class_probs", F32, ["batch", 7]),
@@ -226,24 +235,33 @@ def test_measured_errors_are_in_the_bundle(bundle):
     assert config["validation"]["file"].endswith("kang2018_pbmc_counts.h5ad")
     assert config["validation"]["n_cells"] == 64
     assert config["validation"]["full_length_cell"] == {"32": "real", "64": "real"}
-    assert len(config["variants"]) == 6
-    for record in config["variants"]:
+    variants = config["graphs"]["embed"]["variants"]
+    assert len(variants) == 6
+    assert {v["file"] for v in variants} == {
+        "embed-fp32.onnx",
+        "embed-fp16.onnx",
+        "embed-int8.onnx",
+    }
+    for record in variants:
         errors, tolerance = record["errors"], record["tolerance"]
         assert tolerance == TOLERANCE[record["precision"]]
         assert set(errors) == {
-            "cell_emb_max_abs", "cell_emb_normalized_max_abs", "class_probs_max_abs",
-            "min_cosine", "top1_agreement",
-        }  # fmt: skip
+            "cell_emb_max_abs",
+            "cell_emb_normalized_max_abs",
+            "class_probs_max_abs",
+            "min_cosine",
+            "top1_agreement",
+        }
         for key, limit in tolerance.items():
             assert (
                 errors[key] >= limit
                 if key in ("min_cosine", "top1_agreement")
                 else (errors[key] <= limit)
             )
-    fp32 = config["variants"][0]
+    fp32 = variants[0]
     assert fp32["precision"] == "fp32"
     assert fp32["errors"]["cell_emb_max_abs"] < 1e-5
-    assert [v["errors"] for v in summary["variants"]] == [v["errors"] for v in config["variants"]]
+    assert [v["errors"] for v in summary["variants"]] == [v["errors"] for v in variants]
     assert config["provenance"]["training"]["command"] == "test"
     assert config["provenance"]["export"]["opset"] == 18
 
@@ -258,17 +276,19 @@ def test_spec_example_matches_what_export_writes(bundle):
         assert list(example[key]) == list(config[key]), key
     assert list(example["preprocessing"]["tokens"]) == list(config["preprocessing"]["tokens"])
     assert list(example["provenance"]["export"]) == list(config["provenance"]["export"])
-    assert example["inputs"] == config["inputs"]
-    assert example["outputs"] == config["outputs"]
-    assert {tuple(v) for v in example["variants"]} == {tuple(v) for v in config["variants"]}
-    assert {tuple(v["errors"]) for v in example["variants"]} == {
-        tuple(v["errors"]) for v in config["variants"]
+    assert [list(i) for i in example["inputs"]] == [list(i) for i in config["inputs"]]
+    assert [i["name"] for i in example["inputs"]] == [i["name"] for i in config["inputs"]]
+    ex, real = example["graphs"]["embed"], config["graphs"]["embed"]
+    assert ex["outputs"] == real["outputs"]
+    assert {tuple(v) for v in ex["variants"]} == {tuple(v) for v in real["variants"]}
+    assert {tuple(v["errors"]) for v in ex["variants"]} == {
+        tuple(v["errors"]) for v in real["variants"]
     }
 
 
 def test_a_missed_tolerance_fails_the_export_and_writes_nothing(small_run, tmp_path, monkeypatch):
     monkeypatch.setitem(TOLERANCE["fp32"], "min_cosine", 1.5)
-    message = r"the fp32 graph for 16 tokens misses its tolerance .*min_cosine 1 \(limit 1.5\)"
+    message = r"the fp32 graph at 16 tokens misses its tolerance .*min_cosine 1 \(limit 1.5\)"
     with pytest.raises(ToleranceError, match=message):
         export_run(small_run, tmp_path / "b", max_lens=[16])
     assert list(tmp_path.iterdir()) == []
@@ -285,8 +305,9 @@ def copy_run(small_run, tmp_path, data):
 def test_run_without_data_is_validated_on_synthetic_cells(small_run, tmp_path):
     """Synthetic cells, said so in the bundle; here also opset 20 without contrib operators."""
     run = copy_run(small_run, tmp_path, [])
-    export_run(run, tmp_path / "b", max_lens=[16], validation_cells=8, opset=20,
-               fuse_attention=False)  # fmt: skip
+    export_run(
+        run, tmp_path / "b", max_lens=[16], validation_cells=8, opset=20, fuse_attention=False
+    )
     b = load_bundle(tmp_path / "b")
     assert b.config["validation"]["cells"] == "synthetic"
     assert b.config["validation"]["file"] is None
@@ -306,8 +327,21 @@ def test_cli_export_with_validation_data_and_json(small_run, tmp_path, kang):
     assert result.exit_code == 3, result.output
     assert "training data files are gone" in result.stderr
     assert "pass --validation-data FILE" in result.stderr
-    result = cli_run("export", run, "--out", out, "--max-len", 16, "--precision", "int8",
-                     "--validation-data", kang, "--validation-cells", 16, "--json")  # fmt: skip
+    result = cli_run(
+        "export",
+        run,
+        "--out",
+        out,
+        "--max-len",
+        16,
+        "--precision",
+        "int8",
+        "--validation-data",
+        kang,
+        "--validation-cells",
+        16,
+        "--json",
+    )
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["bundle"] == str(out)

@@ -12,12 +12,12 @@ import json
 
 import numpy as np
 import torch
-from scgpt_export import export_run
-from scgpt_export.validate import open_session
 
+from scgpt_export import export_run
 from scgpt_runtime.bundle import load_bundle
 from scgpt_runtime.genes import match_genes
 from scgpt_runtime.io import open_counts
+from scgpt_runtime.session import open_session
 from scgpt_runtime.tokens import tokenize
 from scgpt_runtime.vocab import Vocab
 from scgpt_train.checkpoint import load_run
@@ -25,10 +25,20 @@ from scgpt_train.official import import_scgpt
 
 D, D_HID, N_LAYER, N_GENES = 512, 512, 12, 60_694
 ARGS = {
-    "embsize": D, "nheads": 8, "d_hid": D_HID, "nlayers": N_LAYER, "n_layers_cls": 3,
-    "dropout": 0.2, "pad_token": "<pad>", "pad_value": -2, "mask_value": -1, "n_bins": 51,
-    "max_seq_len": 1200, "input_emb_style": "continuous", "input_style": "binned",
-}  # fmt: skip
+    "embsize": D,
+    "nheads": 8,
+    "d_hid": D_HID,
+    "nlayers": N_LAYER,
+    "n_layers_cls": 3,
+    "dropout": 0.2,
+    "pad_token": "<pad>",
+    "pad_value": -2,
+    "mask_value": -1,
+    "n_bins": 51,
+    "max_seq_len": 1200,
+    "input_emb_style": "continuous",
+    "input_style": "binned",
+}
 
 
 def official_state(vocab_size: int) -> dict[str, torch.Tensor]:
@@ -39,8 +49,10 @@ def official_state(vocab_size: int) -> dict[str, torch.Tensor]:
         return torch.randn(*shape, generator=g) / shape[-1] ** 0.5
 
     def norm(name: str) -> dict[str, torch.Tensor]:
-        return {f"{name}.weight": 1 + 0.1 * torch.randn(D, generator=g),
-                f"{name}.bias": 0.1 * torch.randn(D, generator=g)}  # fmt: skip
+        return {
+            f"{name}.weight": 1 + 0.1 * torch.randn(D, generator=g),
+            f"{name}.bias": 0.1 * torch.randn(D, generator=g),
+        }
 
     def linear(name: str, d_out: int, d_in: int) -> dict[str, torch.Tensor]:
         return {f"{name}.weight": w(d_out, d_in), f"{name}.bias": 0.02 * torch.randn(d_out)}
@@ -94,13 +106,11 @@ def test_whole_human_export_matches_pytorch(tmp_path, shared_data):
         match = match_genes(counts.var, b.vocab)
         block = next(counts.iter_blocks(block_size=2, start=10, stop=12))
     tokens = tokenize(block, match.column_ids, b.tokens, b.vocab.cls_id, b.vocab.pad_id)
-    inputs = {"gene_ids": tokens.gene_ids, "values": tokens.values,
-              "padding_mask": tokens.padding_mask}  # fmt: skip
-    got = open_session(b.variant("fp32").path).run(["cell_emb"], inputs)[0]
+    got = open_session(b.variant("fp32").path, "cpu").run(["cell_emb"], tokens.inputs)[0]
     model, _ = load_run(tmp_path / "run")
     trimmed = tokens.trim()
     with torch.no_grad():
         expected = model.cell_embedding(
-            *(torch.from_numpy(a) for a in (trimmed.gene_ids, trimmed.values, trimmed.padding_mask))
+            *(torch.from_numpy(a) for a in trimmed.inputs.values())
         ).numpy()
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4)

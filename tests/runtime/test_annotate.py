@@ -136,8 +136,8 @@ def test_inplace_interrupted_leaves_the_file_whole(
 ):
     """Ctrl-C halfway (after the first of four blocks, or after the first column written into
     the temporary copy): FILE is byte for byte what it was, and readable."""
+    import scgpt_runtime.engine as engine
     import scgpt_runtime.io.write as write
-    import scgpt_runtime.pipeline as pipeline
 
     path = tmp_path / "kang.h5ad"
     shutil.copy(kang_small, path)
@@ -154,7 +154,7 @@ def test_inplace_interrupted_leaves_the_file_whole(
         return wrapped
 
     if stage == "while running":
-        monkeypatch.setattr(pipeline, "tokenize", interrupt(pipeline.tokenize))
+        monkeypatch.setattr(engine, "tokenize", interrupt(engine.tokenize))
     else:
         monkeypatch.setattr(write, "_set_obs_column", interrupt(write._set_obs_column))
     result = run("annotate", path, "--model", served_bundle, "--inplace", "--block-size", 50)
@@ -194,7 +194,7 @@ def test_json_summary(served_bundle, kang_small, tmp_path):
     assert summary["precision"] == "int8"
     assert summary["execution_provider"] == "CPUExecutionProvider"
     assert sum(summary["graphs"].values()) == N_CELLS
-    assert summary["gene_match"]["n_matched"] == 6998
+    assert summary["gene_match"]["n_matched"] == 2000  # the fixture's vocabulary
     result = ok(
         "annotate", kang_small, "--model", served_bundle, "--out", tmp_path / "a.csv", "--json"
     )
@@ -318,13 +318,13 @@ def _damage(bundle: Path, tmp_path: Path, case: str) -> Path:
     copy = tmp_path / "bundle"
     shutil.copytree(bundle, copy)
     if case == "damaged bundle":
-        graph = next(copy.glob("model-int8-*.onnx"))
+        graph = copy / "embed-int8.onnx"
         data = bytearray(graph.read_bytes())
         data[len(data) // 2] ^= 0xFF
         graph.write_bytes(bytes(data))
     elif case == "version mismatch":
         config = json.loads((copy / "config.json").read_text())
-        config["format_version"] = 2
+        config["format_version"] = 3
         (copy / "config.json").write_text(json.dumps(config))
     return copy
 
@@ -352,7 +352,7 @@ BAD = {
     "no matched gene": (4, "match the model vocabulary"),
     "missing bundle": (5, "no such directory"),
     "damaged bundle": (5, "checksum mismatch"),
-    "version mismatch": (5, "bundle format version 2 is not supported (this runtime reads 1)"),
+    "version mismatch": (5, "bundle format version 3 is not supported (this runtime reads 1, 2)"),
     "output exists": (6, "exists; pass --overwrite"),
     "unwritable folder": (6, "cannot write in"),
     "missing folder": (6, "does not exist"),
@@ -450,19 +450,13 @@ def test_device_cuda_without_gpu_is_an_error(served_bundle, kang_small, tmp_path
 # info and inspect --model
 
 
-def test_info(served_bundle, served_run):
-    import torch  # noqa: F401  (the fixture needs it; counted below against the PyTorch model)
-
-    from scgpt_train.checkpoint import load_run
-
+def test_info(served_bundle, v1_bundle):
     report = json.loads(ok("info", served_bundle, "--json").stdout)
-    model, _ = load_run(served_run)
-    training_only = ("decoder", "mvc_decoder", "flag_encoder")
-    in_graph = sum(
-        p.numel() for name, p in model.named_parameters() if name.split(".")[0] not in training_only
-    )
-    assert report["parameters"] == in_graph
-    assert report["vocab_size"] == model.cfg.vocab_size
+    config = json.loads((served_bundle / "config.json").read_text())
+    assert report["format_version"] == 2
+    assert report["parameters"] == config["parameters"] > 0  # counted at export (tests/export)
+    assert report["bundle_sha256"] == sha256(served_bundle / "config.json")
+    assert report["vocab_size"] == config["model"]["vocab_size"]
     assert report["labels"] == Model.load(served_bundle, device="cpu").labels
     assert [(v["precision"], v["max_seq_len"]) for v in report["variants"]] == [
         ("fp32", 64),
@@ -474,40 +468,75 @@ def test_info(served_bundle, served_run):
     assert report["validation"]["cells"] == "real"
     assert "export" in report["provenance"]
     text = ok("info", served_bundle).stdout
-    assert "parameters" in text
+    assert f"{report['parameters']:,} parameters" in text
     assert "int8   256" in text
+    old = json.loads(ok("info", v1_bundle, "--json").stdout)
+    assert (old["format_version"], old["parameters"]) == (1, None)  # format 1 did not record it
+    assert [v["file"] for v in old["variants"]][:2] == ["model-fp32-64.onnx", "model-fp32-256.onnx"]
+    assert "parameters not recorded" in ok("info", v1_bundle).stdout
     missing = run("info", served_bundle.parent / "nope")
     assert missing.exit_code == 5
 
 
 def test_evaluate_bundle_records_what_annotate_predicts(served_bundle, kang_small, tmp_path):
+    pytest.importorskip("torch")  # scgpt-train evaluate is a command of the training package
     from scgpt_train.cli import cli as train_cli
     from scgpt_train.metrics import annotation_metrics
 
     bundle = tmp_path / "bundle"
     shutil.copytree(served_bundle, bundle)
     graphs = {p.name: sha256(p) for p in bundle.glob("*.onnx")}
-    args = ["evaluate", "--bundle", str(bundle), "--data", str(kang_small),
-            "--label-key", "cell_type", "--precision", "int8", "--json"]  # fmt: skip
+    identity = sha256(bundle / "config.json")
+    args = [
+        "evaluate",
+        "--bundle",
+        str(bundle),
+        "--data",
+        str(kang_small),
+        "--label-key",
+        "cell_type",
+        "--precision",
+        "int8",
+        "--json",
+    ]
     for _ in range(2):  # recording twice replaces the entry
         result = CliRunner().invoke(train_cli, [*args, "--record"])
         assert result.exit_code == 0, result.output
     reported = json.loads(result.stdout)["classifier"]
-    ok("annotate", kang_small, "--model", bundle, "--precision", "int8", "--out",
-       tmp_path / "labels.csv")  # fmt: skip
+    ok(
+        "annotate",
+        kang_small,
+        "--model",
+        bundle,
+        "--precision",
+        "int8",
+        "--out",
+        tmp_path / "labels.csv",
+    )
     predicted = [r["predicted_labels"] for r in read_table(tmp_path / "labels.csv")]
     truth = ad.read_h5ad(kang_small).obs["cell_type"].astype(str).to_numpy()
     expected = annotation_metrics(truth, np.array(predicted))
     assert reported["macro_f1"] == expected["macro_f1"]
-    (entry,) = json.loads((bundle / "config.json").read_text())["evaluation"]
+    assert sha256(bundle / "config.json") == identity  # the record never changes the identity
+    (entry,) = json.loads((bundle / "evaluation.json").read_text())
     assert entry["precision"] == "int8"
     assert (entry["macro_f1"], entry["accuracy"]) == (expected["macro_f1"], expected["accuracy"])
     assert entry["data"] == [kang_small.name]
     assert {p.name: sha256(p) for p in bundle.glob("*.onnx")} == graphs
     assert f"evaluated:      macro-F1 {entry['macro_f1']}" in ok("info", bundle).stdout
-    misuse = CliRunner().invoke(train_cli, ["evaluate", "--from", str(bundle), "--data",
-                                            str(kang_small), "--label-key", "cell_type",
-                                            "--record"])  # fmt: skip
+    misuse = CliRunner().invoke(
+        train_cli,
+        [
+            "evaluate",
+            "--from",
+            str(bundle),
+            "--data",
+            str(kang_small),
+            "--label-key",
+            "cell_type",
+            "--record",
+        ],
+    )
     assert misuse.exit_code == 2
     assert "--record stores metrics in a bundle" in misuse.stderr
 

@@ -14,9 +14,16 @@ from click.testing import CliRunner
 from scgpt_runtime.cli import cli
 
 KEYS = [
-    "format", "matrix", "n_cells", "n_genes", "nnz", "total_counts", "integer_counts",
-    "gene_column", "obs_columns",
-]  # fmt: skip
+    "format",
+    "matrix",
+    "n_cells",
+    "n_genes",
+    "nnz",
+    "total_counts",
+    "integer_counts",
+    "gene_column",
+    "obs_columns",
+]
 
 
 def run(*args: str):
@@ -46,10 +53,16 @@ def test_inspect_json_has_exactly_the_documented_keys(counts_file):
     report = json.loads(result.stdout)
     assert list(report) == KEYS
     assert report == {
-        "format": "h5ad", "matrix": "X", "n_cells": 4, "n_genes": 3, "nnz": 6,
-        "total_counts": 13, "integer_counts": True, "gene_column": "index",
+        "format": "h5ad",
+        "matrix": "X",
+        "n_cells": 4,
+        "n_genes": 3,
+        "nnz": 6,
+        "total_counts": 13,
+        "integer_counts": True,
+        "gene_column": "index",
         "obs_columns": ["cell_type"],
-    }  # fmt: skip
+    }
 
 
 def test_inspect_plain_text(counts_file):

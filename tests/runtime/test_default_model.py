@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from scgpt_runtime.bundle import load_bundle
-from scgpt_runtime.model import default_bundle
+from scgpt_runtime.served import default_bundle
 
 ROOT = Path(__file__).resolve().parents[2]
 KANG_TYPES = ["B", "CD14+Mono", "CD4T", "CD8T", "Dendritic", "FCGR3A+Mono", "NK"]
@@ -52,8 +52,9 @@ def test_a_fresh_run_reproduces_the_recorded_macro_f1(shared_data, tmp_path):
     # the same script CI runs in a torch-free environment; it exits 1 on any difference
     kang = shared_data / "labelled" / "kang2018_pbmc_counts.h5ad"
     script = ROOT / "tools" / "check_default_model.py"
-    result = subprocess.run([sys.executable, script, kang, tmp_path],
-                            capture_output=True, text=True, check=False)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, script, kang, tmp_path], capture_output=True, text=True, check=False
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["macro_f1"] == report["recorded_macro_f1"]

@@ -446,8 +446,13 @@ def test_real_legacy_06_labels(shared_data):
     with open_counts(shared_data / "formats/h5ad/kang2018_scgen_valid_legacy06.h5ad") as m:
         labels, counts = np.unique(m.read_obs("cell_type").astype(str), return_counts=True)
         assert dict(zip(labels.tolist(), counts.tolist(), strict=True)) == {
-            "CD4T": 634, "FCGR3A+Mono": 421, "CD14+Mono": 321, "B": 222, "NK": 141, "CD8T": 122,
+            "CD4T": 634,
+            "FCGR3A+Mono": 421,
+            "CD14+Mono": 321,
+            "B": 222,
+            "NK": 141,
+            "CD8T": 122,
             "Dendritic": 114,
-        }  # fmt: skip
+        }
         assert m.var["gene_symbol"][:3].tolist() == ["AL627309.1", "RP11-206L10.9", "LINC00115"]
         assert m.read_obs("condition")[:1].tolist() == ["control"]

@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-import scgpt_runtime.model as model_module
+import scgpt_runtime.served as served_module
 from scgpt_runtime import Model
 from scgpt_runtime.bundle import load_bundle, write_bundle
-from scgpt_runtime.errors import BundleError, GeneMatchError, InputError
+from scgpt_runtime.errors import BundleError, DeviceError, GeneMatchError, InputError
 from scgpt_runtime.genes import match_genes
 from scgpt_runtime.io import open_counts
-from scgpt_runtime.model import choose_precision
-from scgpt_runtime.session import DeviceError, Runner, open_session
+from scgpt_runtime.served import choose_precision
+from scgpt_runtime.session import Runner, open_session
 from scgpt_runtime.tokens import tokenize
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -43,6 +43,11 @@ def fp32(served_bundle):
 def int8(served_bundle):
     with Model.load(served_bundle, device="cpu", precision="int8") as model:
         yield model
+
+
+def runner_for(bundle, length: int) -> Runner:
+    """The fp32 graph serving `length`, in a session of its own."""
+    return Runner(bundle.variant("fp32", length).path, "cpu", bundle.inputs)
 
 
 def path_of(name, kang, liao) -> Path:
@@ -131,16 +136,10 @@ def test_short_cells_run_on_the_short_graph_with_the_same_result(fp32, served_bu
     used = fp32.lengths_for(n_tokens)
     assert used[SHORT] == (n_tokens <= SHORT).sum() > 0
     assert used[MAX_LEN] == (n_tokens > SHORT).sum() > 0
-    bucketed = fp32.embed_tokens(cells.gene_ids, cells.values, cells.padding_mask)
+    bucketed = fp32.embed_tokens(cells)
     short = n_tokens <= SHORT
-    session = open_session(bundle.variant("fp32", MAX_LEN).path, "cpu")
-    long_graph = session.run(
-        ["cell_emb"],
-        {
-            "gene_ids": cells.gene_ids[short],
-            "values": cells.values[short],
-            "padding_mask": cells.padding_mask[short],
-        },
+    long_graph = runner_for(bundle, MAX_LEN).run(
+        cells.take(np.flatnonzero(short)).inputs, ["cell_emb"]
     )[0]
     # Padding carries zero attention weight: the 64-token graph gives these cells what the
     # 256-token graph gives them, to float rounding (equal bits on this machine).
@@ -155,18 +154,18 @@ def test_embed_tokens_is_the_raw_embedding(fp32, reference, served_bundle, kang)
     cells = tokenize(
         block, match.column_ids, bundle.tokens, bundle.vocab.cls_id, bundle.vocab.pad_id
     )
-    got = fp32.embed_tokens(cells.gene_ids, cells.values, cells.padding_mask)
+    got = fp32.embed_tokens(cells)
     np.testing.assert_allclose(got, reference["kang"]["cell_emb"][:20], rtol=0, atol=1e-4)
-    width = 1 + int(cells.n_genes.max())  # any width up to max_seq_len, pads cut
-    trimmed = fp32.embed_tokens(
-        *(a[:, :width] for a in (cells.gene_ids, cells.values, cells.padding_mask))
-    )
+    trimmed = fp32.embed_tokens(cells.trim().inputs)  # any width up to max_seq_len, pads cut
     np.testing.assert_array_equal(trimmed, got)
+    flipped = {**cells.inputs, "padding_mask": ~cells.padding_mask}
     with pytest.raises(ValueError, match="padding only at its end"):
-        fp32.embed_tokens(cells.gene_ids, cells.values, ~cells.padding_mask)
+        fp32.embed_tokens(flipped)
     wide = np.zeros((1, MAX_LEN + 1))
     with pytest.raises(ValueError, match="at most 256"):
-        fp32.embed_tokens(wide.astype(int), wide, wide.astype(bool))
+        fp32.embed_tokens({"gene_ids": wide, "values": wide, "padding_mask": wide.astype(bool)})
+    with pytest.raises(ValueError, match="must hold the inputs gene_ids, values, padding_mask"):
+        fp32.embed_tokens({"gene_ids": wide})
 
 
 def test_in_memory_dense_and_csr_equal_the_file(fp32, kang):
@@ -222,7 +221,8 @@ def test_gene_panel_restricts_the_genes_used(served_bundle, fp32, kang, tmp_path
         copy = tmp_path / v.path.name
         shutil.copy(v.path, copy)
         copies.append(type(v)(v.precision, v.max_seq_len, copy, v.errors, v.tolerance))
-    panel = list(ad.read_h5ad(kang, backed="r").var_names[:500])
+    kang_genes = ad.read_h5ad(kang, backed="r").var_names
+    panel = [g for g in kang_genes if g in b.vocab][:500]
     paneled = write_bundle(
         tmp_path / "panel",
         model=b.config["model"],
@@ -237,6 +237,7 @@ def test_gene_panel_restricts_the_genes_used(served_bundle, fp32, kang, tmp_path
     adata = ad.read_h5ad(kang)[:30]
     x = sp.csr_matrix(adata.X)
     keep = np.isin(adata.var_names, panel)
+    assert keep.sum() == 500
     expected = (x[:, keep] > 0).sum(1).A1.clip(max=MAX_LEN - 1)
     np.testing.assert_array_equal(ann.n_genes, expected)
     restricted = fp32.embed(x[:, keep].toarray(), genes=list(adata.var_names[keep]))
@@ -244,7 +245,7 @@ def test_gene_panel_restricts_the_genes_used(served_bundle, fp32, kang, tmp_path
 
 
 def test_load_errors(served_bundle, tmp_path, monkeypatch):
-    monkeypatch.setattr(model_module, "default_bundle", lambda: None)  # a package without it
+    monkeypatch.setattr(served_module, "default_bundle", lambda: None)  # a package without it
     with pytest.raises(BundleError, match="no model bundle given and no default model"):
         Model.load()
     with pytest.raises(BundleError, match="no such directory"):
@@ -286,16 +287,30 @@ def test_io_binding_path_gives_the_session_outputs(served_bundle, kang):
     cells = tokenize(
         block, match.column_ids, bundle.tokens, bundle.vocab.cls_id, bundle.vocab.pad_id
     )
-    runner = Runner(bundle.variant("fp32", MAX_LEN).path, "cpu")
+    runner = runner_for(bundle, MAX_LEN)
     runner.bind_device = "cpu"
     names = ["cell_emb", "class_probs"]
     for rows in (slice(0, 4), slice(4, 8), slice(0, 8)):
-        feed = {
-            "gene_ids": cells.gene_ids[rows],
-            "values": cells.values[rows],
-            "padding_mask": cells.padding_mask[rows],
-        }
+        feed = {name: a[rows] for name, a in cells.inputs.items()}
         bound = dict(zip(runner.outputs, runner._run_bound(feed), strict=True))
         for name, expected in zip(names, runner.run(feed, names), strict=True):
             np.testing.assert_array_equal(bound[name], expected)
     assert len(runner._buffers) == 2  # one set of buffers per batch shape
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_a_format_1_bundle_serves_bit_for_bit_as_its_format_2_export(
+    served_bundle, v1_bundle, liao, precision
+):
+    """The previous release's bundle of the same run (one graph per length) loads, and gives
+    the bits the format 2 bundle (one graph per precision) gives, on both lengths."""
+    got = []
+    for bundle in (v1_bundle, served_bundle):
+        with Model.load(bundle, device="cpu", precision=precision) as model:
+            got.append(model.annotate(liao, stop=N_CELLS, min_gene_fraction=0.1))
+    old, new = got
+    assert load_bundle(v1_bundle).config["format_version"] == 1
+    assert old.graphs == new.graphs
+    assert set(new.graphs) == {SHORT, MAX_LEN}
+    np.testing.assert_array_equal(old.embedding, new.embedding)
+    np.testing.assert_array_equal(old.class_probs, new.class_probs)

@@ -15,10 +15,11 @@ from click.testing import CliRunner
 from scgpt_train.cells import MISSING, load_cells, minibatches, stratified_split
 from scgpt_train.checkpoint import load_run
 from scgpt_train.cli import cli
-from scgpt_train.finetune import AnnotateConfig, annotate, annotation_loss, predict
-from scgpt_train.integrate import IntegrateConfig, integrate, integration_losses
+from scgpt_train.decoders import AdversarialDiscriminator
+from scgpt_train.finetune import AnnotateConfig, annotation_loss, finetune_annotate
+from scgpt_train.inference import predict
+from scgpt_train.integrate import IntegrateConfig, finetune_integrate, integration_losses
 from scgpt_train.metrics import macro_f1
-from scgpt_train.model import AdversarialDiscriminator
 
 KANG = "labelled/kang2018_pbmc_counts.h5ad"
 FAST = {"model": {"dropout": 0.0}, "tokens": {"max_seq_len": 64}, "lr": 1e-3, "val_fraction": 0}
@@ -63,7 +64,7 @@ def test_short_finetune_on_real_data_beats_the_majority_rate(shared_data, tmp_pa
         epochs=5,
         **{**FAST, "val_fraction": 0.1},
     )
-    summary = annotate(cfg)
+    summary = finetune_annotate(cfg)
     model, info = load_run(tmp_path / "run")
     assert info.labels == ["B", "CD14+Mono", "CD4T", "CD8T", "Dendritic", "FCGR3A+Mono", "NK"]
     assert summary["n_train"] + summary["n_val"] == 936
@@ -102,7 +103,7 @@ def test_missing_labels_are_left_out_of_the_loss(tmp_path):
     torch.testing.assert_close(annotation_loss(logits, labels, w), weighted)
     # end to end: 10 unlabelled cells are counted and excluded, not crashed on
     path = synthetic(tmp_path / "m.h5ad", missing=10)
-    summary = annotate(
+    summary = finetune_annotate(
         AnnotateConfig(
             data=[str(path)],
             label_key="cell_type",
@@ -127,7 +128,7 @@ def test_stratified_split_keeps_class_shares():
 
 def test_class_weighting_and_freezing(tmp_path):
     path = synthetic(tmp_path / "s.h5ad")
-    first = annotate(
+    first = finetune_annotate(
         AnnotateConfig(
             data=[str(path)],
             label_key="cell_type",
@@ -143,7 +144,7 @@ def test_class_weighting_and_freezing(tmp_path):
     # from the run, new class names, everything but the classifier frozen
     relabel = synthetic(tmp_path / "r.h5ad", labels=("X", "Y", "Z", "W"))
     fast = {k: v for k, v in FAST.items() if k != "tokens"}
-    annotate(
+    finetune_annotate(
         AnnotateConfig(
             data=[str(relabel)],
             label_key="cell_type",
@@ -183,7 +184,7 @@ def integration_model(tmp_path):
         model={"dropout": 0.0},
         tokens={"max_seq_len": 64},
     )
-    summary = integrate(cfg)
+    summary = finetune_integrate(cfg)
     model, info = load_run(tmp_path / "int")
     cells = load_cells([str(path)], info.vocab, info.tokens, batch_key="batch")
     return model, info, cells, cfg, summary
@@ -192,7 +193,7 @@ def integration_model(tmp_path):
 def test_integration_run_and_batch_pure_minibatches(tmp_path):
     _, info, _, _, summary = integration_model(tmp_path)
     assert info.batches == ["b1", "b2"]
-    assert (info.model.dsbn, info.model.dab, info.model.use_batch_tokens) == (True, True, True)
+    assert (info.model.n_dsbn, info.model.n_dab, info.model.n_batch_tokens) == (2, 2, 2)
     assert summary["cells_per_batch"] == [60, 60]
     assert {"gep", "gepc", "ecs", "dab", "loss"} <= set(summary)
     groups = np.arange(100) % 3

@@ -8,13 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from scgpt_train.model import (
-    PRESETS,
-    ModelConfig,
-    ScGPT,
-    generative_mask,
-    grad_reverse,
-)
+from scgpt_train.decoders import grad_reverse
+from scgpt_train.model import PRESETS, ModelConfig, ScGPT, generative_mask
 from scgpt_train.objectives import cross_entropy, ecs_loss, masked_bernoulli_nll, masked_mse
 
 N_GENES = 50
@@ -54,7 +49,7 @@ def test_presets_construct_and_small_forward_shapes():
         cfg = ModelConfig.from_name(name, vocab_size=VOCAB, pad_id=PAD)
         assert cfg.d_model % cfg.n_head == 0
     torch.manual_seed(0)
-    cfg = small(n_cls=5, n_batch=3, use_batch_tokens=True, dab=True, explicit_zero=True)
+    cfg = small(n_cls=5, n_batch_tokens=3, n_dab=3, explicit_zero=True)
     m = ScGPT(cfg).eval()
     ids, vals, pad = make_batch()
     out = m(ids, vals, pad, batch_labels=torch.tensor([0, 1, 2, 0]))
@@ -76,7 +71,7 @@ def test_presets_construct_and_small_forward_shapes():
     assert sd["mvc_decoder.W.weight"].shape == (128, 64)
     assert sd["mvc_decoder.W_zero_logit.weight"].shape == (128, 64)
     assert sd["cls_decoder._decoder.5.weight"].shape == (64,)
-    with pytest.raises(ValueError, match="batch_labels"):
+    with pytest.raises(ValueError, match="uses n_batch_tokens: pass its input"):
         m(ids, vals, pad)
 
 
@@ -85,8 +80,15 @@ def test_config_validation_and_json_round_trip():
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="divisible"):
         small(n_head=5)
-    with pytest.raises(ValueError, match="n_batch"):
-        small(dsbn=True)
+    with pytest.raises(ValueError, match="same number of batches"):
+        small(n_dsbn=3, n_dab=2)
+    with pytest.raises(ValueError, match="n_pert must be >= 0"):
+        small(n_pert=-1)
+    # run format 1 sized the batch parts by n_batch and switched them on by flags
+    old = {**small().to_dict(), "n_batch": 3, "use_batch_tokens": True, "dsbn": False, "dab": True}
+    for name in ("n_batch_tokens", "n_dsbn", "n_dab", "n_mod", "n_pert"):
+        del old[name]
+    assert ModelConfig.from_dict(old) == small(n_batch_tokens=3, n_dab=3)
     with pytest.raises(ValueError, match="n_cls"):
         small(n_cls=1)
     with pytest.raises(ValueError, match="input_emb"):
@@ -105,13 +107,18 @@ def test_whole_human_parameter_count():
     d, V = 512, 60697
     block = (3 * d * d + 3 * d) + (d * d + d) + 2 * (d * d + d) + 4 * d
     expected = (
-        V * d + 2 * d  # gene encoder
-        + (2 * d) + (d * d + d) + 2 * d  # value encoder
+        V * d
+        + 2 * d  # gene encoder
+        + (2 * d)
+        + (d * d + d)
+        + 2 * d  # value encoder
         + 12 * block
         + 2 * d  # flag encoder
-        + 2 * (d * d + d) + (d + 1)  # expression decoder
-        + (d * d + d) + d * d  # MVC decoder
-    )  # fmt: skip
+        + 2 * (d * d + d)
+        + (d + 1)  # expression decoder
+        + (d * d + d)
+        + d * d  # MVC decoder
+    )
     assert expected == 51_330_049
     assert sum(p.numel() for p in m.parameters()) == expected
     sd = m.state_dict()
@@ -263,7 +270,7 @@ def test_category_encoder_rows():
 
 def test_dsbn_uses_the_batch_of_each_cell():
     torch.manual_seed(0)
-    m = ScGPT(small(n_batch=3, dsbn=True)).eval()
+    m = ScGPT(small(n_dsbn=3)).eval()
     for k, bn in enumerate(m.dsbn.bns):
         bn.running_mean.fill_(0.3 * k)
         bn.running_var.fill_(1.0 + k)
@@ -298,7 +305,7 @@ def test_grad_reverse_flips_the_gradient():
     # through the discriminator: the gradient into the cell embedding is exactly the negative
     # of the gradient the same layers give without reversal
     torch.manual_seed(0)
-    disc = ScGPT(small(n_batch=3, dab=True)).grad_reverse_discriminator
+    disc = ScGPT(small(n_dab=3)).grad_reverse_discriminator
     emb = torch.randn(5, 64, requires_grad=True)
     labels = torch.tensor([0, 1, 2, 0, 1])
     (g_rev,) = torch.autograd.grad(cross_entropy(disc(emb), labels), emb)

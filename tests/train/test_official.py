@@ -302,7 +302,7 @@ def test_finetuned_heads_are_detected_and_loaded(tmp_path):
     imported = load_official_folder(write_folder(tmp_path, raw))
     cfg, report = imported.model.cfg, imported.report
     assert (cfg.n_cls, cfg.n_layers_cls, cfg.n_batch) == (5, 3, 3)
-    assert (cfg.use_batch_tokens, cfg.dsbn, cfg.dab, cfg.explicit_zero) == (True,) * 4
+    assert (cfg.n_batch_tokens, cfg.n_dsbn, cfg.n_dab, cfg.explicit_zero) == (3, 3, 3, True)
     assert report.dropped == {}
     assert report.missing == []
     # the cell-type head on the raw cell embedding, from the raw tensors

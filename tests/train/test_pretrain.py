@@ -30,7 +30,8 @@ def tokens_of(n_genes: list[int], width: int = 8) -> TokenBlock:
     gene_ids[:, 0] = 1  # <cls>
     values = np.where(pad, -2.0, np.arange(width, dtype=np.float32)[None] + 1)
     values[:, 0] = 0.0
-    return TokenBlock(gene_ids, values.astype(np.float32), pad, np.array(n_genes), 0)
+    inputs = {"gene_ids": gene_ids, "values": values.astype(np.float32), "padding_mask": pad}
+    return TokenBlock(inputs, np.array(n_genes), 0)
 
 
 def test_split_generative_partitions_each_cell():
@@ -55,10 +56,19 @@ def test_split_generative_partitions_each_cell():
 
 def config(shared_data, tmp_path, name="run", **kw) -> PretrainConfig:
     base = {
-        "data": [str(shared_data / KANG)], "out": str(tmp_path / name), "max_steps": 8,
-        "batch_size": 16, "lr": 1e-3, "warmup_steps": 2, "eval_every": 4, "checkpoint_every": 2,
-        "log_every": 1, "val_cells": 64, "model": {"dropout": 0.0}, "tokens": {"max_seq_len": 64},
-    }  # fmt: skip
+        "data": [str(shared_data / KANG)],
+        "out": str(tmp_path / name),
+        "max_steps": 8,
+        "batch_size": 16,
+        "lr": 1e-3,
+        "warmup_steps": 2,
+        "eval_every": 4,
+        "checkpoint_every": 2,
+        "log_every": 1,
+        "val_cells": 64,
+        "model": {"dropout": 0.0},
+        "tokens": {"max_seq_len": 64},
+    }
     return PretrainConfig(**{**base, **kw})
 
 
@@ -67,8 +77,15 @@ def metrics(run) -> list[dict]:
 
 
 def test_loss_falls_on_real_data(shared_data, tmp_path):
-    cfg = config(shared_data, tmp_path, max_steps=40, eval_every=10, checkpoint_every=40,
-                 mlm_weight=0.5, model={})  # fmt: skip
+    cfg = config(
+        shared_data,
+        tmp_path,
+        max_steps=40,
+        eval_every=10,
+        checkpoint_every=40,
+        mlm_weight=0.5,
+        model={},
+    )
     last = pretrain(cfg)
     m = metrics(tmp_path / "run")
     first = np.mean([r["loss"] for r in m[:5]])
@@ -115,8 +132,18 @@ def test_resume_repeats_the_uninterrupted_run(shared_data, tmp_path, monkeypatch
 
 def test_cli_pretrain_json_and_bad_inputs(shared_data, tmp_path):
     run = tmp_path / "cli"
-    args = ["pretrain", "--data", str(shared_data / "unlabelled"), "--out", str(run),
-            "--max-steps", "2", "--batch-size", "8", "--json"]  # fmt: skip
+    args = [
+        "pretrain",
+        "--data",
+        str(shared_data / "unlabelled"),
+        "--out",
+        str(run),
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "8",
+        "--json",
+    ]
     result = CliRunner().invoke(
         cli, [*args, "--config", str(_write(tmp_path, {"tokens": {"max_seq_len": 32}}))]
     )
@@ -138,11 +165,24 @@ def test_vocab_from_a_data_file(shared_data, tmp_path):
     # the Liao files (33,539 genes) trained on Kang's 6,998 genes: a small, PBMC-sized vocabulary
     liao = "unlabelled/liao2020_balf_GSM4339772_C144_filtered_feature_bc_matrix.h5"
     run = tmp_path / "small-vocab"
-    result = CliRunner().invoke(cli, [
-        "pretrain", "--data", str(shared_data / liao), "--vocab", str(shared_data / KANG),
-        "--out", str(run), "--max-steps", "1", "--batch-size", "4",
-        "--config", _write(tmp_path, {"tokens": {"max_seq_len": 16}}),
-    ])  # fmt: skip
+    result = CliRunner().invoke(
+        cli,
+        [
+            "pretrain",
+            "--data",
+            str(shared_data / liao),
+            "--vocab",
+            str(shared_data / KANG),
+            "--out",
+            str(run),
+            "--max-steps",
+            "1",
+            "--batch-size",
+            "4",
+            "--config",
+            _write(tmp_path, {"tokens": {"max_seq_len": 16}}),
+        ],
+    )
     assert result.exit_code == 0, result.output
     vocab = json.loads((run / "vocab.json").read_text())
     assert len(vocab) == 6998 + 3
@@ -158,20 +198,55 @@ def _write(tmp_path, obj) -> str:
 def test_ddp_two_processes_match_one(shared_data, tmp_path):
     """torchrun with 2 CPU processes (gloo): the same global batch gives the same first-step loss
     as one process, and the loss falls."""
-    common = ["--data", str(shared_data / MOUSE), "--max-steps", "12", "--batch-size", "16",
-              "--lr", "1e-3", "--warmup-steps", "2", "--eval-every", "100",
-              "--checkpoint-every", "100", "--config", _write(tmp_path, {"model": {"dropout": 0.0},
-              "tokens": {"max_seq_len": 64}, "log_every": 1})]  # fmt: skip
+    common = [
+        "--data",
+        str(shared_data / MOUSE),
+        "--max-steps",
+        "12",
+        "--batch-size",
+        "16",
+        "--lr",
+        "1e-3",
+        "--warmup-steps",
+        "2",
+        "--eval-every",
+        "100",
+        "--checkpoint-every",
+        "100",
+        "--config",
+        _write(
+            tmp_path, {"model": {"dropout": 0.0}, "tokens": {"max_seq_len": 64}, "log_every": 1}
+        ),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one = tmp_path / "one"
-    subprocess.run([sys.executable, "-m", "scgpt_train.cli", "-q", "pretrain", *common, "--out",
-                    str(one)], check=True, env=env)  # fmt: skip
+    subprocess.run(
+        [sys.executable, "-m", "scgpt_train.cli", "-q", "pretrain", *common, "--out", str(one)],
+        check=True,
+        env=env,
+    )
     two = tmp_path / "two"
     subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-         "--master-port", "29517", "-m", "scgpt_train.cli", "-q", "pretrain", *common,
-         "--out", str(two)], check=True, env=env, capture_output=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            "29517",
+            "-m",
+            "scgpt_train.cli",
+            "-q",
+            "pretrain",
+            *common,
+            "--out",
+            str(two),
+        ],
+        check=True,
+        env=env,
+        capture_output=True,
+    )
     m1, m2 = metrics(one), metrics(two)
     # sums over two ranks of float32 partial sums: equal up to float32 rounding
     assert m2[0]["loss"] == pytest.approx(m1[0]["loss"], rel=1e-5)
@@ -181,8 +256,17 @@ def test_ddp_two_processes_match_one(shared_data, tmp_path):
 def test_data_without_usable_genes_is_a_gene_match_error(shared_data, tmp_path):
     vocab = tmp_path / "vocab.json"
     vocab.write_text(json.dumps({"CD3E": 0, "LYZ": 1, "<pad>": 2, "<cls>": 3, "<eoc>": 4}))
-    args = ["pretrain", "--data", str(shared_data / MOUSE), "--out", str(tmp_path / "r"),
-            "--vocab", str(vocab), "--max-steps", "1"]  # fmt: skip
+    args = [
+        "pretrain",
+        "--data",
+        str(shared_data / MOUSE),
+        "--out",
+        str(tmp_path / "r"),
+        "--vocab",
+        str(vocab),
+        "--max-steps",
+        "1",
+    ]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 4
     (line,) = result.stderr.strip().splitlines()

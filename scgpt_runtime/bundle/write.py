@@ -1,0 +1,227 @@
+"""Writing a bundle (format version 2, docs/bundle-format.md), and recording evaluations.
+
+A bundle is built in a temporary directory beside its target and renamed into place, so a
+reader never sees half of one. config.json is written once: held-out metrics recorded later go
+to evaluation.json, so the bundle's identity (the sha256 of config.json) never changes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import save_file
+
+from ..errors import OutputError
+from ..io.write import atomic_path
+from ..tokens import TokenConfig, input_specs
+from ..vocab import GENE, Vocab
+from .format import (
+    CELL_EMB,
+    CELL_EMB_NORMALIZED,
+    CLASS_PROBS,
+    CONFIG_FILE,
+    EMBED,
+    EVALUATION_FILE,
+    FORMAT,
+    FORMAT_VERSION,
+    VOCAB_FILE,
+    Variant,
+    encode_strings,
+    graph_file,
+    read_evaluation,
+    sha256_file,
+)
+from .read import check_variants, is_bundle, load_bundle
+
+EVALUATION_KEY = ("data", "where", "label_key", "precision")  # one record per such measurement
+
+
+def check_target(out: str | Path, overwrite: bool) -> Path:
+    """`out` as a Path if a bundle may be written there (its folder made if needed);
+    OutputError otherwise."""
+    out = Path(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)  # as run directories are made
+    except OSError as e:
+        raise OutputError(f"{out}: cannot make its folder {out.parent} ({e.strerror})") from e
+    if not out.exists() and not out.is_symlink():
+        return out
+    if not overwrite:
+        raise OutputError(f"{out}: exists; pass --overwrite to replace it")
+    if not out.is_dir() or out.is_symlink():
+        raise OutputError(f"{out}: is not a directory; refusing to replace it with a bundle")
+    if any(out.iterdir()) and not is_bundle(out):
+        raise OutputError(f"{out}: is not a model bundle; refusing to replace it")
+    return out
+
+
+def write_bundle(
+    out: str | Path,
+    *,
+    model: Mapping[str, Any],
+    tokens: TokenConfig,
+    vocab: Vocab,
+    variants: Sequence[Variant],
+    labels: Sequence[str] | None = None,
+    gene_panel: Sequence[str] | None = None,
+    parameters: int | None = None,
+    validation: Mapping[str, Any] | None = None,
+    provenance: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write a bundle directory at `out`; the variants' ONNX files are moved into it (the
+    variants of one kind and precision may share a graph whose length axis is symbolic).
+
+    Args:
+        model: hyper-parameters (ModelConfig.to_dict()); d_model, n_cls and vocab_size used here.
+        tokens: how cells become tokens; tokens.max_seq_len must equal the longest graph's.
+        vocab: token names in id order. labels: class names, required when model n_cls > 0.
+        gene_panel: genes the model was restricted to, all in the vocabulary (None: all).
+        parameters: parameters of what the graphs compute (the model without its training
+            decoders). validation, provenance: records stored as they are.
+    Returns the bundle path. Raises OutputError where `out` exists (see check_target).
+    """
+    out = check_target(out, overwrite)
+    config = _config(
+        model, parameters, tokens, vocab, variants, labels, gene_panel, validation, provenance
+    )
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    try:
+        umask = _umask()
+        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it owner-only
+        _save_strings(tmp / VOCAB_FILE, vocab, labels, gene_panel)
+        moved: dict[Path, Path] = {}
+        for v in variants:
+            if moved.setdefault(tmp / graph_file(v.kind, v.precision), v.path) != v.path:
+                raise ValueError(f"the {v.kind} {v.precision} variants must share one graph file")
+        for target, source in moved.items():
+            shutil.move(source, target)
+        config["files"] = {
+            p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+            for p in sorted(tmp.iterdir())
+        }
+        (tmp / CONFIG_FILE).write_text(config_text(config))
+        for p in tmp.iterdir():
+            p.chmod(0o666 & ~umask)  # safetensors and mkstemp make owner-only files
+        _replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def record_evaluation(path: str | Path, entry: Mapping[str, Any]) -> None:
+    """Add `entry` (held-out metrics measured on this bundle) to its evaluation.json,
+    replacing an entry on the same data, filters, labels and precision. Only that file is
+    written (atomically): config.json, the graphs and the bundle's identity stay as they are."""
+    bundle = load_bundle(path)
+    kept = [
+        e
+        for e in read_evaluation(bundle.path, bundle.config)
+        if any(e.get(k) != entry.get(k) for k in EVALUATION_KEY)
+    ]
+    with atomic_path(bundle.path / EVALUATION_FILE) as tmp:
+        tmp.write_text(json.dumps([*kept, dict(entry)], indent=2, allow_nan=False) + "\n")
+
+
+def config_text(config: Mapping[str, Any]) -> str:
+    return json.dumps(config, indent=2, allow_nan=False) + "\n"
+
+
+def _config(
+    model, parameters, tokens, vocab, variants, labels, gene_panel, validation, provenance
+) -> dict:
+    n_cls = int(model.get("n_cls", 0))
+    if len(vocab) != model["vocab_size"]:
+        raise ValueError(f"vocab has {len(vocab)} tokens, the model {model['vocab_size']}")
+    if (labels is not None or n_cls) and (labels is None or len(labels) != n_cls):
+        raise ValueError(f"the model has {n_cls} classes but labels are {labels!r}")
+    if gene_panel is not None and (missing := [g for g in gene_panel if g not in vocab]):
+        raise ValueError(f"gene panel genes not in the vocabulary: {missing[:5]}")
+    records = [_variant_record(v) for v in variants]
+    check_variants(records, tokens.max_seq_len)
+    outputs = {CELL_EMB: model["d_model"], CELL_EMB_NORMALIZED: model["d_model"]}
+    if n_cls:
+        outputs[CLASS_PROBS] = n_cls
+    specs = input_specs(tokens, vocab.cls_id, vocab.pad_id)
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model": dict(model),
+        "parameters": parameters,
+        "preprocessing": {
+            "tokens": tokens.to_dict(),
+            "pad_id": vocab.pad_id,
+            "cls_id": vocab.cls_id,
+            "gene_panel": gene_panel is not None,
+        },
+        "vocab": {
+            "file": VOCAB_FILE,
+            "n_tokens": len(vocab),
+            "n_labels": len(labels or []),
+            "namespaces": vocab.namespace_names,
+        },
+        "inputs": [{**s.to_dict(), "shape": ["batch", "max_seq_len"]} for s in specs],
+        "graphs": {
+            EMBED: {
+                "outputs": [
+                    {"name": n, "dtype": "float32", "shape": ["batch", w]}
+                    for n, w in outputs.items()
+                ],
+                "variants": records,
+            }
+        },
+        "validation": dict(validation or {}),
+        "provenance": dict(provenance or {}),
+    }
+
+
+def _variant_record(v: Variant) -> dict[str, Any]:
+    return {
+        "precision": v.precision,
+        "max_seq_len": int(v.max_seq_len),
+        "file": graph_file(v.kind, v.precision),
+        "errors": {k: float(x) for k, x in v.errors.items()},
+        "tolerance": {k: float(x) for k, x in v.tolerance.items()},
+    }
+
+
+def _save_strings(
+    path: Path, vocab: Vocab, labels: Sequence[str] | None, gene_panel: Sequence[str] | None
+) -> None:
+    tensors = dict(zip(("vocab.bytes", "vocab.offsets"), encode_strings(vocab.names), strict=True))
+    if vocab.namespace_names != [GENE]:
+        table = vocab.namespace_names
+        tensors.update(
+            zip(("namespaces.bytes", "namespaces.offsets"), encode_strings(table), strict=True)
+        )
+        tensors["namespace_ids"] = np.array([table.index(n) for n in vocab.namespaces], np.int64)
+    if labels is not None:
+        tensors.update(zip(("labels.bytes", "labels.offsets"), encode_strings(labels), strict=True))
+    if gene_panel is not None:
+        tensors["gene_panel"] = np.array([vocab[g] for g in gene_panel], dtype=np.int64)
+    save_file(tensors, path)
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    """Rename the finished `tmp` to `out`; an existing `out` is moved aside first, then deleted."""
+    old = None
+    if out.exists():
+        old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".old"))
+        out.rename(old / out.name)
+    tmp.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

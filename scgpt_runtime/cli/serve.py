@@ -1,0 +1,207 @@
+"""`scgpt-run annotate`, `embed` and `merge`: serve a file with a bundle, join shard parts."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from .. import outputs, pipeline
+from .common import inplace_option, model_option, progress_bar, run_options
+
+log = logging.getLogger("scgpt_runtime")
+
+
+def _serve(
+    command: str,
+    file: str,
+    bundle: str | None,
+    out: str | None,
+    inplace: bool,
+    shard: str | None,
+    as_json: bool,
+    no_raw: bool,
+    **options,
+) -> None:
+    """Checks of the options, the library call, and what goes to stdout."""
+    try:
+        if shard is not None:
+            pipeline.Shard.parse(shard)
+        kind = outputs.output_kind(
+            command, None if out is None else Path(out), inplace=inplace, shard=shard is not None
+        )
+    except ValueError as e:
+        raise click.UsageError(str(e)) from e
+    if kind == "stdout" and as_json:
+        raise click.UsageError("--json prints a summary on stdout: pass --out for the results")
+    root = click.get_current_context().find_root()
+    label = "Annotating" if command == "annotate" else "Embedding"
+    with progress_bar(label) as progress:
+        summary = (pipeline.annotate if command == "annotate" else pipeline.embed)(
+            file,
+            model=bundle,
+            out=out,
+            inplace=inplace,
+            shard=shard,
+            use_raw=not no_raw,
+            stream=sys.stdout,
+            progress=progress,
+            verbose=root.params.get("verbose", False),
+            **options,
+        )
+    if as_json:
+        click.echo(json.dumps(summary))
+        return
+    message = (
+        f"{summary['n_cells']} cells in {summary['seconds']:.1f} s "
+        f"({summary['cells_per_s']:,.0f} cells/s, {summary['precision']} on "
+        f"{summary['execution_provider']})"
+    )
+    if summary["output"] is None:
+        log.info("%s", message)
+    else:
+        click.echo(f"wrote {summary['output']}: {message}")
+
+
+@click.command(
+    epilog="""\b
+Examples:
+  scgpt-run annotate pbmc.h5ad --out pbmc_scgpt.h5ad              # the default model
+  scgpt-run annotate pbmc.h5ad --model bundles/pbmc --out pbmc_scgpt.h5ad
+  scgpt-run annotate pbmc.h5ad --model bundles/pbmc --out labels.csv --top-k 3
+  scgpt-run annotate pbmc.h5ad --model bundles/pbmc --inplace --prefix scgpt_
+  scgpt-run annotate filtered_feature_bc_matrix.h5 --model bundles/pbmc > labels.csv
+  scgpt-run annotate big.h5ad --model bundles/pbmc --shard 2/8 --out big.2.part"""
+)
+@model_option
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=str),
+    help="Results file: .csv, .tsv or .h5ad [default: CSV on stdout]",
+)
+@inplace_option
+@click.option(
+    "--prefix", default="scgpt_", show_default=True, help="Prefix of the obs columns in .h5ad."
+)
+@click.option(
+    "--top-k",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Also give the K most probable labels and their probabilities.",
+)
+@run_options
+def annotate(
+    file: str,
+    bundle: str | None,
+    out: str | None,
+    inplace: bool,
+    prefix: str,
+    top_k: int,
+    shard: str | None,
+    as_json: bool,
+    no_raw: bool,
+    **options,
+) -> None:
+    """Predict the cell type of every cell of FILE (.h5ad or 10x .h5).
+
+    Per cell: the predicted label, its probability (conf_score), the number of genes the
+    model saw (n_genes; 0 means no gene of the cell is in the vocabulary), and with --top-k the
+    K most probable labels. CSV/TSV rows are keyed by cell barcode, in file order. An .h5ad
+    output is a copy of FILE (or, for a 10x FILE, a new file) with the obs columns
+    {prefix}predicted_labels, {prefix}conf_score and {prefix}n_genes, the L2-normalised
+    embedding in obsm["X_scGPT"] and the provenance in uns["scGPT"]; --inplace writes them
+    into FILE itself (atomically: an interruption leaves FILE as it was).
+    """
+    _serve(
+        "annotate",
+        file,
+        bundle,
+        out,
+        inplace,
+        shard,
+        as_json,
+        no_raw,
+        prefix=prefix,
+        top_k=top_k,
+        **options,
+    )
+
+
+@click.command(
+    epilog="""\b
+Examples:
+  scgpt-run embed pbmc.h5ad --model bundles/pbmc --out pbmc_emb.npy
+  scgpt-run embed pbmc.h5ad --model bundles/pbmc --out pbmc_scgpt.h5ad
+  scgpt-run embed filtered_feature_bc_matrix.h5 --model bundles/human --out emb.csv --raw
+  scgpt-run embed big.h5ad --model bundles/human --device cuda --batch-size 128 --out e.npy"""
+)
+@model_option
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=str),
+    help="Embeddings file: .npy, .h5ad, .csv or .tsv (required unless --inplace).",
+)
+@inplace_option
+@click.option("--raw", is_flag=True, help="The raw <cls> output instead of the L2-normalised one.")
+@run_options
+def embed(
+    file: str,
+    bundle: str | None,
+    out: str | None,
+    inplace: bool,
+    raw: bool,
+    shard: str | None,
+    as_json: bool,
+    no_raw: bool,
+    **options,
+) -> None:
+    """Embed every cell of FILE (.h5ad or 10x .h5): one row per cell, in file order.
+
+    The embedding is the model's <cls> output, L2-normalised as in the official scGPT
+    zero-shot pipeline (--raw: as the model gives it). .npy: a (cells, d) float32 array;
+    .csv/.tsv: the cell barcode then d columns; .h5ad: obsm["X_scGPT"] in a copy of FILE (or a
+    new file for a 10x FILE), or in FILE itself with --inplace.
+    """
+    _serve("embed", file, bundle, out, inplace, shard, as_json, no_raw, raw=raw, **options)
+
+
+@click.command(
+    epilog="""\b
+Examples:
+  scgpt-run merge big.1.part big.2.part --out big_labels.csv
+  scgpt-run merge parts/big.*.part --out big_scgpt.h5ad --json
+  scgpt-run merge parts/big.*.part --inplace"""
+)
+@click.argument("parts", nargs=-1, required=True, type=click.Path(path_type=str))
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=str),
+    help="Output file, any format the sharded command writes [annotate: CSV on stdout]",
+)
+@click.option("--inplace", is_flag=True, help="Write into the input .h5ad file of the run.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
+def merge(
+    parts: tuple[str, ...], out: str | None, inplace: bool, overwrite: bool, as_json: bool
+) -> None:
+    """Join the .part files of a run split with --shard I/N into one output, identical to
+    what the unsharded command writes. Every shard 1..N must be given, once; parts of
+    different inputs, models or options are refused."""
+    if inplace and out is not None:
+        raise click.UsageError("--inplace writes into the input file: drop --out")
+    if as_json and out is None and not inplace:
+        raise click.UsageError("--json prints a summary on stdout: pass --out for the results")
+    try:
+        summary = outputs.merge(
+            parts, out=out, inplace=inplace, overwrite=overwrite, stream=sys.stdout
+        )
+    except ValueError as e:
+        raise click.UsageError(str(e)) from e
+    if as_json:
+        click.echo(json.dumps(summary))
+    elif summary["output"] is not None:
+        click.echo(f"wrote {summary['output']}: {summary['n_cells']} cells from {len(parts)} parts")

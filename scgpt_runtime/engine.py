@@ -1,0 +1,225 @@
+"""The serving engine: read -> match genes -> bin -> tokenize -> run -> collect, block by block.
+
+`Model` is the public API: a served bundle (served.py) that also reads data, from a file path
+or an in-memory matrix, and streams it through `run`. The commands (pipeline.py) use `run` too.
+
+A file is read in row blocks; while the model runs on one block, a reader thread reads and
+tokenizes the next (h5py, numpy and onnxruntime all release the GIL for their heavy parts), so
+memory holds two blocks of tokens and the results. A cell's result depends only on the cell,
+its global index (for the seeded binning modes) and the bundle: never on the block size, the
+batch size, the thread count or the shard split (see `ServedModel.infer`).
+
+    from scgpt_runtime import Model
+    model = Model.load("bundles/pbmc")                 # device="auto": CUDA if it starts
+    emb = model.embed("pbmc.h5ad")                     # (cells, d) L2-normalised
+    result = model.annotate(x, genes=gene_names)       # a dense array or CSR parts in memory
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+from .bundle import CELL_EMB, CELL_EMB_NORMALIZED, CLASS_PROBS, Bundle
+from .errors import BundleError
+from .genes import MIN_GENE_FRACTION, GeneMatch, match_genes
+from .io import open_counts
+from .io.arrays import ArrayCounts
+from .io.base import CountMatrix
+from .results import Result
+from .served import ServedModel
+from .tokens import TokenBlock, tokenize
+
+BLOCK_SIZE = 2048  # cells read and tokenized at a time: 2048 x 1200 tokens is about 32 MB
+Progress = Callable[..., None]  # (n_cells, total, status="")
+
+
+class Model(ServedModel):
+    """A served bundle that embeds and annotates files and in-memory matrices."""
+
+    def embed(self, data, genes=None, *, normalize: bool = True, **options) -> np.ndarray:
+        """(cells, d_model) float32 embeddings of every cell, in order.
+
+        `data` is a path to a .h5ad or 10x .h5 file, or an in-memory cells x genes matrix: a
+        numpy array, or CSR parts (data, indices, indptr) (a scipy CSR matrix works too, scipy
+        is not needed) with `genes`, the gene names of its columns. normalize=False gives the
+        raw <cls> output. Options: cells (names for an in-memory matrix), gene_column,
+        min_gene_fraction (0.5), layer, use_raw, genome, start, stop, block_size, progress.
+        """
+        return self._serve(
+            data, genes, normalized=normalize, class_probs=False, **options
+        ).embedding
+
+    def annotate(self, data, genes=None, **options) -> Result:
+        """Cell types of every cell: class probabilities, labels, confidence and the
+        L2-normalised embedding. Arguments as for `embed`."""
+        if not self.labels:
+            raise BundleError(f"{self.bundle.path}: the model has no cell-type head to annotate")
+        return self._serve(data, genes, normalized=True, class_probs=True, **options)
+
+    def _serve(
+        self,
+        data,
+        genes,
+        *,
+        normalized,
+        class_probs,
+        cells=None,
+        gene_column=None,
+        min_gene_fraction=MIN_GENE_FRACTION,
+        layer=None,
+        use_raw=True,
+        genome=None,
+        start=0,
+        stop=None,
+        block_size=BLOCK_SIZE,
+        progress=None,
+    ) -> Result:
+        if isinstance(data, str | Path):
+            counts = open_counts(data, layer=layer, use_raw=use_raw, genome=genome)
+        else:
+            if genes is None:
+                raise ValueError("an in-memory matrix needs `genes`, the names of its columns")
+            counts = ArrayCounts(data, genes, cells)
+        with counts:
+            match = match_bundle_genes(counts, self.bundle, gene_column, min_gene_fraction)
+            return run(
+                self,
+                counts,
+                match.column_ids,
+                start=start,
+                stop=stop,
+                block_size=block_size,
+                normalized=normalized,
+                class_probs=class_probs,
+                progress=progress,
+            )
+
+
+def match_bundle_genes(
+    counts: CountMatrix,
+    bundle: Bundle,
+    gene_column: str | None = None,
+    min_fraction: float = MIN_GENE_FRACTION,
+) -> GeneMatch:
+    """The vocabulary id of every gene of `counts` for `bundle` (-1: not used): genes outside
+    the bundle's gene panel, where it has one, are not used. GeneMatchError below
+    `min_fraction`."""
+    return match_genes(
+        counts.var,
+        bundle.vocab,
+        gene_column=gene_column,
+        min_fraction=min_fraction,
+        source=str(counts.path),
+        panel=bundle.gene_panel,
+    )
+
+
+def run(
+    model: ServedModel,
+    counts: CountMatrix,
+    column_ids: np.ndarray,
+    *,
+    start: int = 0,
+    stop: int | None = None,
+    block_size: int = BLOCK_SIZE,
+    normalized: bool = True,
+    class_probs: bool = False,
+    embedding: np.ndarray | None = None,
+    progress: Progress | None = None,
+) -> Result:
+    """Run the model on cells [start, stop) of `counts`.
+
+    Args:
+        column_ids: vocabulary id per column of `counts` (match_bundle_genes).
+        normalized: the L2-normalised embedding (else the raw <cls> output).
+        class_probs: also the class probabilities (the bundle needs a classifier).
+        embedding: an (n, d) float32 array to fill (a memory map for large outputs).
+        progress: called as progress(n, total, status) after every block.
+    """
+    stop = counts.n_cells if stop is None else min(stop, counts.n_cells)
+    n = max(stop - start, 0)
+    names = [CELL_EMB_NORMALIZED if normalized else CELL_EMB] + [CLASS_PROBS] * class_probs
+    result = Result(
+        obs_names=np.asarray(counts.obs_names[start:stop]).astype(str),
+        n_genes=np.zeros(n, dtype=np.int64),
+        embedding=np.empty((n, model.d_model), np.float32) if embedding is None else embedding,
+        labels=list(model.labels or []) if class_probs else None,
+        class_probs=np.empty((n, len(model.labels or [])), np.float32) if class_probs else None,
+    )
+    t0, done = time.perf_counter(), 0
+    for tokens in _tokenized(model.bundle, counts, column_ids, start, stop, block_size):
+        outputs = model.infer(tokens.inputs, names)
+        rows = slice(tokens.start - start, tokens.start - start + tokens.n_cells)
+        result.n_genes[rows] = tokens.n_genes
+        result.embedding[rows] = outputs[names[0]]
+        if class_probs:
+            result.class_probs[rows] = outputs[CLASS_PROBS]
+        result.add_graphs(model.lengths_for(1 + tokens.n_genes))
+        done += tokens.n_cells
+        if progress:
+            rate = done / max(time.perf_counter() - t0, 1e-9)
+            progress(tokens.n_cells, n, f"{rate:,.0f} cells/s")
+    return result
+
+
+def _tokenized(
+    bundle: Bundle,
+    counts: CountMatrix,
+    column_ids: np.ndarray,
+    start: int,
+    stop: int,
+    block_size: int,
+) -> Iterator[TokenBlock]:
+    """Tokenized blocks of [start, stop), read and tokenized one block ahead in a thread."""
+    blocks = counts.iter_blocks(block_size, start, stop)
+
+    def produce() -> TokenBlock | None:
+        block = next(blocks, None)
+        if block is None:
+            return None
+        return tokenize(block, column_ids, bundle.tokens, bundle.vocab.cls_id, bundle.vocab.pad_id)
+
+    yield from _prefetch(produce)
+
+
+def _prefetch(produce: Callable[[], TokenBlock | None]) -> Iterator[TokenBlock]:
+    """Items of `produce()` until None, each made in a thread while the previous is used.
+
+    One item ahead at most; an exception of `produce` is raised here; stopping early (an
+    error or Ctrl-C in the consumer) lets the thread finish its item and exit."""
+    box: queue.Queue = queue.Queue(maxsize=1)
+    stop = threading.Event()
+
+    def work() -> None:
+        try:
+            while not stop.is_set():
+                item = produce()
+                box.put(("item", item))
+                if item is None:
+                    return
+        except BaseException as e:  # handed to the consumer, which raises it
+            box.put(("error", e))
+
+    thread = threading.Thread(target=work, name="scgpt-reader", daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, item = box.get()
+            if kind == "error":
+                raise item
+            if item is None:
+                return
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a put() waiting on the full queue
+            with contextlib.suppress(queue.Empty):
+                box.get(timeout=0.05)
+        thread.join()

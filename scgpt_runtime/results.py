@@ -1,0 +1,56 @@
+"""`Result`: what serving a range of cells gives; the one result type of the API and commands."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class Result:
+    """Per-cell results of a range of cells, in file order."""
+
+    obs_names: np.ndarray  # (n,) str: cell barcodes
+    n_genes: np.ndarray  # (n,) int64: genes the model saw; 0 = no matched gene (<cls> alone)
+    embedding: np.ndarray  # (n, d) float32: L2-normalised or raw <cls> embedding
+    labels: list[str] | None = None  # class names, in class_probs column order (annotate only)
+    class_probs: np.ndarray | None = None  # (n, n_cls) float32 (annotate only)
+    graphs: dict[int, int] = field(default_factory=dict)  # graph length -> cells it served
+
+    @property
+    def n_cells(self) -> int:
+        return len(self.n_genes)
+
+    @property
+    def predicted_labels(self) -> np.ndarray:
+        """(n,) str: the most probable class (the first of equals)."""
+        return np.asarray(self._labels(), dtype=object)[self.class_probs.argmax(1)].astype(str)
+
+    @property
+    def conf_score(self) -> np.ndarray:
+        """(n,) float32: the probability of the predicted class."""
+        self._labels()
+        return self.class_probs.max(1)
+
+    def top_k(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(labels (n, k) str, probabilities (n, k)) of the k most probable classes."""
+        labels = self._labels()
+        order = np.argsort(-self.class_probs, axis=1, kind="stable")[:, :k]
+        names = np.asarray(labels, dtype=object)[order].astype(str)
+        return names, np.take_along_axis(self.class_probs, order, axis=1)
+
+    def label_counts(self) -> dict[str, int]:
+        """Cells per predicted label, most frequent first (ties in label order)."""
+        names, counts = np.unique(self.predicted_labels, return_counts=True)
+        order = np.argsort(-counts, kind="stable")
+        return {str(names[i]): int(counts[i]) for i in order}
+
+    def add_graphs(self, counts: dict[int, int]) -> None:
+        for length, k in counts.items():
+            self.graphs[length] = self.graphs.get(length, 0) + k
+
+    def _labels(self) -> list[str]:
+        if self.labels is None or self.class_probs is None:
+            raise ValueError("these results have no cell-type predictions (embed, not annotate)")
+        return self.labels

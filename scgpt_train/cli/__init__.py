@@ -1,0 +1,19 @@
+"""`scgpt-train`: pretrain, fine-tune and import scGPT models (export: see scgpt_export.cli)."""
+
+from __future__ import annotations
+
+from scgpt_runtime.cli.common import command_group
+
+from .evaluate import evaluate
+from .finetune import finetune
+from .pretrain import import_scgpt, pretrain
+
+cli = command_group(
+    "Train scGPT models with PyTorch: pretrain, fine-tune, import official checkpoints."
+)
+for command in (pretrain, import_scgpt, finetune, evaluate):
+    cli.add_command(command)
+
+
+def main() -> None:
+    cli(prog_name="scgpt-train")

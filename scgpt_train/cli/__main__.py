@@ -1,0 +1,5 @@
+"""`torchrun -m scgpt_train.cli ...`: the scgpt-train commands in each process."""
+
+from . import main
+
+main()

@@ -1,0 +1,101 @@
+"""`scgpt-train evaluate`: a run or a bundle scored on labelled cells."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import click
+
+from ..evaluate import EvaluateConfig
+from ..evaluate import evaluate as run_evaluate
+from ..metrics import VOTES
+from .common import expand_data, option
+
+
+@click.command(
+    epilog="""\b
+Examples:
+  scgpt-train evaluate --from runs/kang-annot --data kang.h5ad --label-key cell_type \\
+      --where condition=stimulated
+  scgpt-train evaluate --from runs/pre --data kang.h5ad --where condition=stimulated \\
+      --reference kang.h5ad --reference-where condition=control --label-key cell_type
+  scgpt-train evaluate --from runs/kang-int --data kang.h5ad --label-key cell_type \\
+      --batch-key condition --json
+  scgpt-train evaluate --bundle bundles/pbmc --data kang.h5ad --label-key cell_type \\
+      --where condition=stimulated --record"""
+)
+@click.option(
+    "--from",
+    "run",
+    type=click.Path(exists=True, file_okay=False),
+    help="Run directory to evaluate (PyTorch).",
+)
+@click.option(
+    "--bundle",
+    type=click.Path(exists=True, file_okay=False),
+    help="Or a model bundle: its cell-type head as scgpt-run serves it (onnxruntime, CPU).",
+)
+@option(
+    EvaluateConfig,
+    "precision",
+    type=click.Choice(["auto", "fp32", "fp16", "int8"]),
+    help="With --bundle: the graphs to run (auto: int8 if the bundle has it, else fp32).",
+)
+@click.option(
+    "--record",
+    is_flag=True,
+    help="With --bundle: store the metrics in the bundle's config.json (its model card data).",
+)
+@click.option("--data", multiple=True, required=True, help="Labelled cells; repeatable.")
+@click.option("--label-key", required=True, help="obs column with the true labels.")
+@click.option("--where", multiple=True, help="COL=VALUE filter of --data; repeatable.")
+@click.option("--batch-key", help="obs column with batches: integration metrics.")
+@click.option(
+    "--reference",
+    multiple=True,
+    help="Labelled reference cells: kNN label transfer (zero-shot); repeatable.",
+)
+@click.option("--reference-where", multiple=True, help="COL=VALUE filter of --reference.")
+@option(EvaluateConfig, "k", type=int, help="Neighbours for kNN.")
+@option(EvaluateConfig, "vote", type=click.Choice(VOTES))
+@click.option(
+    "--unknown-threshold",
+    type=float,
+    help="Label cells 'unknown' below this confidence [default: off].",
+)
+@click.option("--gene-column", help="var column with gene names [default: best match]")
+@click.option("--predictions", type=click.Path(dir_okay=False), help="Write per-cell CSV here.")
+@option(EvaluateConfig, "seed", type=int, help="Seed of k-means.")
+@click.option("--json", "as_json", is_flag=True, help="Print all metrics as JSON.")
+def evaluate(
+    data: tuple[str, ...], reference: tuple[str, ...], as_json: bool, **options: Any
+) -> None:
+    """Score a run or a bundle on labelled cells: classifier, kNN transfer, integration.
+
+    With a classifier head: accuracy, macro-F1, per-class F1 and confusion matrix of its
+    predictions. With --reference: the same for labels transferred by k nearest neighbours on
+    L2-normalised cell embeddings (any run, no fine-tuning). With --batch-key: NMI and ARI of
+    k-means clusters, label and batch silhouettes, graph connectivity, AvgBIO and AvgBATCH.
+    With --bundle instead of --from: the classifier metrics of the exported graphs, exactly as
+    scgpt-run annotate predicts; --record keeps them in the bundle.
+    """
+    try:
+        cfg = EvaluateConfig(
+            data=expand_data(data), reference=expand_data(reference) if reference else [], **options
+        )
+    except ValueError as e:
+        raise click.UsageError(str(e)) from e
+    result = run_evaluate(cfg)
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    for name in ("classifier", "knn"):
+        if name in result:
+            m = result[name]
+            click.echo(
+                f"{name}: accuracy {m['accuracy']:.4f} macro-F1 {m['macro_f1']:.4f} "
+                f"({m['n_cells']} cells)"
+            )
+    if "integration" in result:
+        click.echo("integration: " + " ".join(f"{k} {v}" for k, v in result["integration"].items()))
