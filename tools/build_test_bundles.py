@@ -91,15 +91,20 @@ def train_run(run: Path) -> None:
     save_run(run, model.eval(), info)
 
 
-def previous_release(run: Path, out: Path, work: Path) -> None:
-    """The run trained and exported (format 1) by the code of RELEASE, in a child process."""
+def release_code(work: Path) -> Path:
+    """The previous release's source tree (git archive RELEASE), unpacked under `work`."""
     code = work / "release"
     code.mkdir()
     archive = subprocess.run(
         ["git", "-C", str(ROOT), "archive", RELEASE], check=True, capture_output=True
     ).stdout
     subprocess.run(["tar", "-x", "-C", str(code)], input=archive, check=True)
-    env = {**os.environ, "PYTHONPATH": str(code)}
+    return code
+
+
+def previous_release(run: Path, out: Path, work: Path) -> None:
+    """The run trained and exported (format 1) by the code of RELEASE, in a child process."""
+    env = {**os.environ, "PYTHONPATH": str(release_code(work))}
     stage = [sys.executable, str(Path(__file__).resolve()), "--stage-release", str(run), str(out)]
     subprocess.run(stage, check=True, env=env, cwd=ROOT)
 

@@ -324,6 +324,34 @@ def test_finetuned_heads_are_detected_and_loaded(tmp_path):
     torch.testing.assert_close(bn.running_mean, raw["dsbn.bns.2.running_mean"])
 
 
+def test_modality_and_perturbation_embeddings_are_kept(tmp_path):
+    """The official multi-omics `mod_encoder` (its embedding given to the expression decoder,
+    whose input doubles) and the generator's `pert_encoder` (3 flags added to the input)."""
+    raw = official_state(batch_tokens=True)  # a decoder input of 2 d, as with a modality
+    raw["mvc_decoder.W.weight"] = torch.randn(D, D)  # the cell-embedding decoder gets none
+    raw["mod_encoder.embedding.weight"] = torch.randn(2, D)
+    raw["mod_encoder.enc_norm.weight"], raw["mod_encoder.enc_norm.bias"] = (
+        torch.ones(D),
+        torch.zeros(D),
+    )
+    raw["pert_encoder.weight"] = torch.randn(3, D)
+    imported = load_official_folder(write_folder(tmp_path, raw))
+    model, report = imported.model, imported.report
+    assert (model.cfg.n_mod, model.cfg.n_pert, model.cfg.n_batch_tokens) == (2, 3, 0)
+    assert report.dropped == {}
+    assert report.missing == []
+    torch.testing.assert_close(model.pert_encoder.weight, raw["pert_encoder.weight"])
+    gene_ids, values, pad = make_batch()
+    flags = torch.zeros_like(gene_ids)
+    flags[:, 1] = 1
+    with torch.no_grad():
+        plain = model.encode(gene_ids, values, pad)
+        flagged = model.encode(gene_ids, values, pad, pert_flags=flags)
+        out = model(gene_ids, values, pad, mod_ids=torch.zeros_like(gene_ids))
+    assert not torch.allclose(plain, flagged)
+    assert out["mlm_output"].shape == gene_ids.shape
+
+
 def test_heads_not_enabled_are_dropped_and_reported():
     raw = official_state() | {
         k: v for k, v in finetuned_heads().items() if k.startswith("cls_decoder.")
