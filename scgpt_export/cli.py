@@ -14,6 +14,7 @@ import logging
 import click
 
 from scgpt_runtime.bundle import PRECISIONS
+from scgpt_runtime.cli.common import option
 from scgpt_runtime.session import PROVIDERS
 from scgpt_train.cli import cli
 
@@ -36,15 +37,16 @@ Examples:
     "--max-len",
     type=click.IntRange(min=2),
     multiple=True,
-    help="Tokens per cell (<cls> included) of a graph; repeatable: shorter graphs serve short "
-    "cells cheaper, the longest sets the bundle's max_seq_len [default: the run's max_seq_len]",
+    help="A length cells are served at (tokens, <cls> included); repeatable: short cells run "
+    "cheaper at a short length, the longest sets the bundle's max_seq_len [default: the run's "
+    "max_seq_len]",
 )
-@click.option(
+@option(
+    export_run,
+    "precisions",
     "--precision",
     type=click.Choice(PRECISIONS),
     multiple=True,
-    default=("fp32",),
-    show_default=True,
     help="fp32 (reference), fp16 (GPU), int8 (dynamic quantization, CPU); repeatable.",
 )
 @click.option(
@@ -52,17 +54,14 @@ Examples:
     type=click.Path(exists=True, dir_okay=False),
     help="Count file with real cells to validate on [default: the run's training data]",
 )
-@click.option("--validation-cells", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option(
-    "--device",
+@option(export_run, "validation_cells", type=click.IntRange(min=1))
+@option(
+    export_run,
+    "device",
     type=click.Choice(sorted(PROVIDERS)),
-    default="cpu",
-    show_default=True,
     help="Where onnxruntime runs the graphs for validation.",
 )
-@click.option(
-    "--opset", type=click.IntRange(min(OPSETS), max(OPSETS)), default=18, show_default=True
-)
+@option(export_run, "opset", type=click.IntRange(min(OPSETS), max(OPSETS)))
 @click.option(
     "--no-fuse", is_flag=True, help="Keep attention as plain ONNX ops (no com.microsoft)."
 )
@@ -83,13 +82,13 @@ def export(
 ) -> None:
     """Export the model of run directory RUN as a model bundle for scgpt-run.
 
-    Writes one ONNX graph per precision and length (fixed length, dynamic batch), the
+    Writes one ONNX graph per precision, served at each length of the ladder (--max-len), the
     vocabulary and labels (safetensors) and config.json with preprocessing, provenance and the
-    sha256 of every file (format: docs/bundle-format.md). Every graph is checked against PyTorch
-    on real cells (the first --validation-cells cells of the run's training data or of
-    --validation-data, a cell with <cls> alone, a full-length cell); export fails, writing
-    nothing, where one misses its tolerance: fp32 max abs error 1e-4 on the embeddings, fp16
-    cosine 0.999, int8 cosine 0.99 and top-1 class agreement 99%.
+    sha256 of every file (format: docs/bundle-format.md). Every graph is checked at every
+    length against PyTorch on real cells (the first --validation-cells cells of the run's
+    training data or of --validation-data, a cell with <cls> alone, a full-length cell); export
+    fails, writing nothing, where one misses its tolerance: fp32 max abs error 1e-4 on the
+    embeddings, fp16 cosine 0.999, int8 cosine 0.99 and top-1 class agreement 99%.
     """
     _quiet_libraries()
     summary = export_run(

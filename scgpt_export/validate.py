@@ -1,8 +1,9 @@
 """Validation of exported graphs: onnxruntime against PyTorch on tokenized cells.
 
-Each graph runs on the cells one by one for a few of them (batch 1) and in batches (batch N):
-real cells read from a data file, plus a cell with <cls> alone and a full-length cell (a real one
-where a cell fills the length, else a synthetic one). Its outputs are compared with the PyTorch
+Each graph runs at every length of the bundle's ladder, on the cells one by one for a few of
+them (batch 1) and in batches (batch N): real cells read from a data file, plus a cell with
+<cls> alone and a full-length cell (a real one where a cell fills the length, else a synthetic
+one). Its outputs are compared with the PyTorch
 model's, computed on the same cells with the padding trimmed away, and export fails where a
 graph misses the tolerance of its precision.
 """

@@ -3,17 +3,18 @@ a progress bar, and the options of the commands that read data and run a model."
 
 from __future__ import annotations
 
+import inspect
 import logging
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import click
 
+from .. import pipeline
 from ..bundle import PRECISIONS
-from ..engine import BLOCK_SIZE
 from ..errors import ScgptError
-from ..genes import MIN_GENE_FRACTION
 from ..session import DEVICES
 
 EXIT_CODES = """\b
@@ -64,6 +65,15 @@ def command_group(help_text: str) -> click.Group:
     return group
 
 
+def option(source: Callable, name: str, *decls: str, **kw: Any) -> Callable:
+    """A click option for the parameter `name` of `source` (a library function or a config
+    dataclass): its default, and the help's [default: ...], are the library's, never restated
+    in a CLI."""
+    default = inspect.signature(source).parameters[name].default
+    flag = decls or (f"--{name.replace('_', '-')}",)
+    return click.option(*flag, default=default, show_default=True, **kw)
+
+
 def input_options(f: Callable) -> Callable:
     """Options that choose which matrix of a file is read."""
     f = click.option(
@@ -110,11 +120,10 @@ def model_option(f: Callable) -> Callable:
 
 
 def gene_fraction_option(f: Callable) -> Callable:
-    return click.option(
-        "--min-gene-fraction",
+    return option(
+        pipeline.serve,
+        "min_gene_fraction",
         type=click.FloatRange(0, 1),
-        default=MIN_GENE_FRACTION,
-        show_default=True,
         help="Fail when fewer of the possible genes (of the file or of the vocabulary, "
         "whichever has fewer) match.",
     )(f)
@@ -123,18 +132,16 @@ def gene_fraction_option(f: Callable) -> Callable:
 def run_options(f: Callable) -> Callable:
     """Options of the commands that run the model (annotate, embed), in help order."""
     shown = [
-        click.option(
-            "--device",
+        option(
+            pipeline.serve,
+            "device",
             type=click.Choice(DEVICES),
-            default="auto",
-            show_default=True,
             help="auto: CUDA when its provider starts, else CPU (the log says which runs).",
         ),
-        click.option(
-            "--precision",
+        option(
+            pipeline.serve,
+            "precision",
             type=click.Choice(("auto", *PRECISIONS)),
-            default="auto",
-            show_default=True,
             help="Graph precision; auto: fp16 on CUDA, int8 (else fp32) on CPU.",
         ),
         click.option(
@@ -147,11 +154,10 @@ def run_options(f: Callable) -> Callable:
             type=click.IntRange(min=1),
             help="Cells per graph call [default: 64 on CUDA, 16 on CPU; int8: 1]",
         ),
-        click.option(
-            "--block-size",
+        option(
+            pipeline.serve,
+            "block_size",
             type=click.IntRange(min=1),
-            default=BLOCK_SIZE,
-            show_default=True,
             help="Cells read and tokenized at a time (memory).",
         ),
         click.option(

@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from .. import outputs, pipeline
-from .common import inplace_option, model_option, progress_bar, run_options
+from .common import inplace_option, model_option, option, progress_bar, run_options
 
 log = logging.getLogger("scgpt_runtime")
 
@@ -83,14 +83,11 @@ Examples:
     help="Results file: .csv, .tsv or .h5ad [default: CSV on stdout]",
 )
 @inplace_option
-@click.option(
-    "--prefix", default="scgpt_", show_default=True, help="Prefix of the obs columns in .h5ad."
-)
-@click.option(
-    "--top-k",
+@option(pipeline.serve, "prefix", help="Prefix of the obs columns in .h5ad.")
+@option(
+    pipeline.serve,
+    "top_k",
     type=click.IntRange(min=0),
-    default=0,
-    show_default=True,
     help="Also give the K most probable labels and their probabilities.",
 )
 @run_options

@@ -12,6 +12,7 @@ from typing import Any
 
 import click
 
+from scgpt_runtime.cli.common import option
 from scgpt_runtime.errors import InputError
 
 from ..model import PRESETS
@@ -46,14 +47,6 @@ def load_config_file(path: str | None) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise InputError(f"{path}: a config file holds one JSON object")
     return config
-
-
-def option(cls: type, name: str, *decls: str, **kw: Any) -> Callable:
-    """A click option for the field `name` of the config dataclass `cls`: its default (and the
-    help's [default: ...]) is the dataclass's, never restated here."""
-    default = next(f.default for f in fields(cls) if f.name == name)
-    flag = decls or (f"--{name.replace('_', '-')}",)
-    return click.option(*flag, default=default, show_default=True, **kw)
 
 
 def merged_config(cls: type, ctx: click.Context, file_config: dict[str, Any], **values: Any):
