@@ -21,17 +21,20 @@ import contextlib
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 
+from . import reference as reference_files
 from .bundle import CELL_EMB, CELL_EMB_NORMALIZED, CLASS_PROBS, Bundle
 from .errors import BundleError
 from .genes import MIN_GENE_FRACTION, GeneMatch, match_genes
 from .io import open_counts
 from .io.arrays import ArrayCounts
 from .io.base import CountMatrix
+from .obs import obs_strings
+from .reference import Reference
 from .results import Result
 from .served import ServedModel
 from .tokens import TokenBlock, tokenize
@@ -56,12 +59,77 @@ class Model(ServedModel):
             data, genes, normalized=normalize, class_probs=False, **options
         ).embedding
 
-    def annotate(self, data, genes=None, **options) -> Result:
+    def annotate(
+        self,
+        data,
+        genes=None,
+        *,
+        reference: Reference | str | Path | None = None,
+        label_key: str | None = None,
+        k: int = reference_files.K,
+        vote: str = "majority",
+        unknown_below: float | None = None,
+        distance_quantile: float = reference_files.DISTANCE_QUANTILE,
+        **options,
+    ) -> Result:
         """Cell types of every cell: class probabilities, labels, confidence and the
-        L2-normalised embedding. Arguments as for `embed`."""
-        if not self.labels:
-            raise BundleError(f"{self.bundle.path}: the model has no cell-type head to annotate")
-        return self._serve(data, genes, normalized=True, class_probs=True, **options)
+        L2-normalised embedding. Data arguments and options as for `embed`.
+
+        Without `reference`, the bundle's cell-type head. With `reference` (a Reference, or a
+        .scref file built with this bundle), the votes of each cell's `k` nearest reference
+        cells ("majority", or "distance": weighed by 1 / distance) for `label_key` (default:
+        the reference's first): class_probs are the vote shares, knn_distance the distance to
+        the nearest reference cell, and a cell farther from the reference than the
+        `distance_quantile` of the reference cells' own nearest-neighbour distances is
+        Unknown. `unknown_below`: probability (head) or vote share (reference) below which a
+        cell is Unknown [default: head 0, off; reference 0.5].
+        """
+        ref = None if reference is None else self.open_reference(reference)
+        if ref is None and not self.labels:
+            raise BundleError(
+                f"{self.bundle.path}: the model has no cell-type head; annotate with a "
+                "reference (scgpt-run reference build) instead"
+            )
+        result = self._serve(data, genes, normalized=True, class_probs=ref is None, **options)
+        return label_cells(result, ref, label_key, k, vote, unknown_below, distance_quantile)
+
+    def reference(
+        self,
+        data,
+        labels: list[str] | dict[str, Sequence],
+        genes=None,
+        *,
+        seed: int = 0,
+        **options,
+    ) -> Reference:
+        """A Reference of the cells of `data` (as for `embed`) embedded by this model, with
+        their labels: obs columns of a file (names), or key -> one value per cell (None:
+        missing) for any data. Save it with `scgpt_runtime.reference.save`."""
+        result = self._serve(data, genes, normalized=True, class_probs=False, **options)
+        if not isinstance(labels, dict):
+            if not isinstance(data, str | Path):
+                raise ValueError("an in-memory matrix needs its labels as {key: values}")
+            with open_counts(
+                data,
+                layer=options.get("layer"),
+                use_raw=options.get("use_raw", True),
+                genome=options.get("genome"),
+            ) as counts:
+                labels = {key: obs_strings(counts.read_obs(key)) for key in labels}
+        start = options.get("start", 0)
+        values = {k: list(v)[start : start + result.n_cells] for k, v in labels.items()}
+        return reference_files.build(
+            result.embedding, result.obs_names, values, self.bundle_sha256, str(data), seed
+        )
+
+    def open_reference(self, reference: Reference | str | Path) -> Reference:
+        """`reference`, loaded if it is a path; BundleError unless this bundle built it."""
+        ref = reference if isinstance(reference, Reference) else reference_files.load(reference)
+        ref.check_bundle(
+            self.bundle_sha256,
+            reference if not isinstance(reference, Reference) else "the reference",
+        )
+        return ref
 
     def _serve(
         self,
@@ -100,6 +168,25 @@ class Model(ServedModel):
                 class_probs=class_probs,
                 progress=progress,
             )
+
+
+def label_cells(
+    result: Result,
+    reference: Reference | None,
+    label_key: str | None = None,
+    k: int = reference_files.K,
+    vote: str = "majority",
+    unknown_below: float | None = None,
+    distance_quantile: float = reference_files.DISTANCE_QUANTILE,
+) -> Result:
+    """The predicted labels of `result`: of its class probabilities (the head), Unknown below
+    `unknown_below` (default 0, off); or, with a reference, of the reference cells' votes
+    (`reference.label`; unknown_below default UNKNOWN_BELOW)."""
+    if reference is None:
+        result.decide(unknown_below or 0.0)
+        return result
+    below = reference_files.UNKNOWN_BELOW if unknown_below is None else unknown_below
+    return reference_files.label(result, reference, label_key, k, vote, below, distance_quantile)
 
 
 def match_bundle_genes(

@@ -5,11 +5,13 @@ Every file is written to a temporary name beside its destination and renamed int
 whole. A shard run writes a part file (HDF5, below); `merge` joins the parts of one input and
 writes the output through the same writers as an unsharded run, so the two are identical.
 
-Part file (`.part`), format version 1:
-    attrs   format "scgpt-part", format_version 1, shard "I/N", start, stop,
-            settings (JSON: command, input, bundle, precision, options; equal in every part)
+Part file (`.part`), format version 2 (version 1 lacked codes and knn_distance):
+    attrs   format "scgpt-part", format_version 2, shard "I/N", start, stop,
+            settings (JSON: command, input, bundle, precision, options; equal in every part),
+            labels (JSON: class names), variants (JSON: graph length -> cells)
     obs_names (n,) str, n_genes (n,) int64, embedding (n, d) float32,
-    class_probs (n, n_cls) float32 (annotate only)
+    class_probs (n, n_cls) float32, codes (n,) int64 predicted class (-1: Unknown)
+    (annotate only), knn_distance (n,) float32 (annotate with a reference only)
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from .results import Result
 SUFFIXES = {"annotate": (".csv", ".tsv", ".h5ad"), "embed": (".npy", ".h5ad", ".csv", ".tsv")}
 EMBEDDING_KEY = "X_scGPT"  # obsm key, as the official scGPT code names it
 UNS_KEY = "scGPT"  # provenance of the results
-PART_FORMAT, PART_VERSION, PART_SUFFIX = "scgpt-part", 1, ".part"
+PART_FORMAT, PART_VERSION, PART_SUFFIX = "scgpt-part", 2, ".part"
 _STR = h5py.string_dtype()
 
 
@@ -134,22 +136,27 @@ def _write_table(
         for name, row in zip(result.obs_names, result.embedding, strict=True):
             w.writerow([name, *(f"{x:.9g}" for x in row.tolist())])
         return
-    header = ["cell", "predicted_labels", "conf_score", "n_genes"]
+    mapped = ann.knn_distance is not None
+    header = ["cell", "predicted_labels", "conf_score", "n_genes"] + ["knn_distance"] * mapped
     for j in range(1, top_k + 1):
         header += [f"top{j}_label", f"top{j}_prob"]
     w.writerow(header)
     top_names, top_probs = ann.top_k(top_k)
+    distances = ann.knn_distance.tolist() if mapped else [None] * ann.n_cells
     rows = zip(
         ann.obs_names,
         ann.predicted_labels,
         ann.conf_score.tolist(),
         ann.n_genes.tolist(),
+        distances,
         top_names,
         top_probs.tolist(),
         strict=True,
     )
-    for name, label, conf, n_genes, names, probs in rows:
+    for name, label, conf, n_genes, distance, names, probs in rows:
         row = [name, label, f"{conf:.6g}", n_genes]
+        if mapped:
+            row.append(f"{distance:.6g}")
         for label_j, prob_j in zip(names, probs, strict=True):
             row += [label_j, f"{prob_j:.6g}"]
         w.writerow(row)
@@ -161,6 +168,8 @@ def _annotation_columns(ann: Result, top_k: int, prefix: str) -> dict[str, np.nd
         f"{prefix}conf_score": ann.conf_score,
         f"{prefix}n_genes": ann.n_genes,
     }
+    if ann.knn_distance is not None:
+        obs[f"{prefix}knn_distance"] = ann.knn_distance
     names, probs = ann.top_k(top_k)
     for j in range(top_k):
         obs[f"{prefix}top{j + 1}_label"] = names[:, j]
@@ -222,8 +231,9 @@ def write_part(
         h5.create_dataset("obs_names", data=result.obs_names.astype(object), dtype=_STR)
         h5.create_dataset("n_genes", data=result.n_genes)
         h5.create_dataset("embedding", data=result.embedding)
-        if result.class_probs is not None:
-            h5.create_dataset("class_probs", data=result.class_probs)
+        for name in ("class_probs", "codes", "knn_distance"):
+            if getattr(result, name) is not None:
+                h5.create_dataset(name, data=getattr(result, name))
     return out
 
 
@@ -317,9 +327,11 @@ def read_parts(paths: Sequence[Path]) -> tuple[Result, dict[str, Any]]:
         n_genes=np.concatenate([p["n_genes"] for p in ordered]),
         embedding=np.concatenate([p["embedding"] for p in ordered]),
         labels=first["labels"] if annotated else None,
-        class_probs=np.concatenate([p["class_probs"] for p in ordered]) if annotated else None,
         graphs=dict(sorted(variants.items())),
     )
+    for name in ("class_probs", "codes", "knn_distance"):
+        if ordered[0][name] is not None:
+            setattr(joined, name, np.concatenate([p[name] for p in ordered]))
     return joined, first["settings"]
 
 
@@ -346,7 +358,10 @@ def _read_part(path: Path) -> dict[str, Any]:
                 "obs_names": h5["obs_names"].asstr()[:].astype(str),
                 "n_genes": h5["n_genes"][:],
                 "embedding": h5["embedding"][:],
-                "class_probs": h5["class_probs"][:] if "class_probs" in h5 else None,
+                **{
+                    name: h5[name][:] if name in h5 else None
+                    for name in ("class_probs", "codes", "knn_distance")
+                },
             }
     except OSError as e:
         raise InputError(f"{path}: not a readable part file ({e})") from e

@@ -13,7 +13,7 @@ import importlib.metadata
 import logging
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -22,11 +22,13 @@ import numpy as np
 import onnxruntime as ort
 
 from . import outputs
+from . import reference as reference_files
 from .bundle import load_bundle
-from .engine import BLOCK_SIZE, Model, Progress, match_bundle_genes, run
+from .engine import BLOCK_SIZE, Model, Progress, label_cells, match_bundle_genes, run
 from .errors import BundleError, OutputError
 from .genes import MIN_GENE_FRACTION
 from .io import open_counts
+from .obs import obs_strings, parse_where, selected
 from .results import Result
 from .served import bundle_or_default
 
@@ -104,6 +106,12 @@ def serve(
     inplace: bool = False,
     prefix: str = "scgpt_",
     top_k: int = 0,
+    reference: str | Path | None = None,
+    label_key: str | None = None,
+    k: int = reference_files.K,
+    vote: str = "majority",
+    unknown_below: float | None = None,
+    distance_quantile: float = reference_files.DISTANCE_QUANTILE,
     raw: bool = False,
     shard: str | Shard | None = None,
     layer: str | None = None,
@@ -121,10 +129,12 @@ def serve(
     progress: Progress | None = None,
     verbose: bool = False,
 ) -> dict[str, Any]:
-    """Run `command` ("annotate" or "embed") on FILE with the bundle `model`.
+    """Run `command` ("annotate" or "embed") on FILE with the bundle `model`; annotate labels
+    cells by the bundle's head, or with `reference` by their nearest reference cells
+    (`engine.label_cells`).
 
-    Cheap checks come first (output, input file, bundle, gene match), then the cells stream
-    through the model. ValueError: options that do not fit together (a usage error);
+    Cheap checks come first (output, input file, bundle, reference, gene match), then the cells
+    stream through the model. ValueError: options that do not fit together (a usage error);
     OutputError, InputError, BundleError, GeneMatchError, DeviceError: see their docstrings.
     """
     t0 = time.perf_counter()
@@ -139,8 +149,16 @@ def serve(
         if kind == "inplace" and counts.format != "h5ad":
             raise OutputError(f"{file}: is a {counts.format} file; --inplace needs an .h5ad file")
         bundle = load_bundle(bundle_or_default(model))
-        if command == "annotate" and not bundle.labels:
-            raise BundleError(f"{bundle.path}: the model has no cell-type head; use embed")
+        ref = None
+        if command == "annotate" and reference is not None:
+            ref = reference_files.load(reference)
+            ref.check_bundle(bundle.sha256, reference)
+            ref.key(label_key)  # an unknown label key fails here, before any work
+        elif command == "annotate" and not bundle.labels:
+            raise BundleError(
+                f"{bundle.path}: the model has no cell-type head; annotate with --reference "
+                "(scgpt-run reference build), or embed"
+            )
         match = match_bundle_genes(counts, bundle, gene_column, min_gene_fraction)
         load = {"device": device, "precision": precision, "threads": threads}
         with Model.load(bundle, **load, batch_size=batch_size, verbose=verbose) as served:
@@ -151,9 +169,19 @@ def serve(
                 "genome": genome,
                 "min_gene_fraction": min_gene_fraction,
             }
-            options.update(
-                {"prefix": prefix, "top_k": top_k} if command == "annotate" else {"raw": raw}
-            )
+            if command == "annotate":
+                options.update(prefix=prefix, top_k=top_k, unknown_below=unknown_below)
+                if ref is not None:
+                    options["reference"] = {
+                        "file": Path(reference).name,
+                        "bundle_sha256": ref.bundle_sha256,
+                        "label_key": ref.key(label_key),
+                        "k": k,
+                        "vote": vote,
+                        "distance_quantile": distance_quantile,
+                    }
+            else:
+                options["raw"] = raw
             settings = _settings(command, file, counts, served, match, options)
             folder = out.parent if out is not None else file.parent if inplace else None
             with _embedding_buffer(stop - start, served.d_model, folder) as buffer:
@@ -166,10 +194,12 @@ def serve(
                     stop=stop,
                     block_size=block_size,
                     normalized=not raw,
-                    class_probs=command == "annotate",
+                    class_probs=command == "annotate" and ref is None,
                     embedding=buffer,
                     progress=progress,
                 )
+                if command == "annotate":
+                    label_cells(result, ref, label_key, k, vote, unknown_below, distance_quantile)
                 run_seconds = time.perf_counter() - t_run
                 if kind == "part":
                     written = outputs.write_part(
@@ -240,6 +270,7 @@ def _summary(
     }
     if command == "annotate" and n:
         summary["label_counts"] = result.label_counts()
+        summary["n_unknown"] = int((result.codes < 0).sum())
     return summary
 
 
@@ -288,3 +319,68 @@ def _version(package: str) -> str:
         return importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
         return "unknown"
+
+
+def build_reference(
+    file: str | Path,
+    *,
+    out: str | Path,
+    label_keys: Sequence[str],
+    model: str | Path | None = None,
+    where: Sequence[str] = (),
+    layer: str | None = None,
+    use_raw: bool = True,
+    genome: str | None = None,
+    gene_column: str | None = None,
+    min_gene_fraction: float = MIN_GENE_FRACTION,
+    device: str = "auto",
+    precision: str = "auto",
+    threads: int | None = None,
+    batch_size: int | None = None,
+    block_size: int = BLOCK_SIZE,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+    verbose: bool = False,
+) -> dict[str, Any]:
+    """`scgpt-run reference build`: the cells of FILE (those matching every `where` COL=VALUE)
+    embedded by the bundle `model`, with their labels (obs columns `label_keys`), written to
+    `out` (.scref). Cells without any of the labels are left out. Returns the summary."""
+    t0 = time.perf_counter()
+    file, out = Path(file), Path(out)
+    if out.suffix != reference_files.SUFFIX:
+        raise ValueError(f"--out {out}: a reference file ends in {reference_files.SUFFIX}")
+    if not label_keys:
+        raise ValueError("give at least one --label-key")
+    outputs.check_output(out, overwrite=overwrite, source=file)
+    with open_counts(file, layer=layer, use_raw=use_raw, genome=genome) as counts:
+        keep = selected(counts, parse_where(where))
+        labels = {key: obs_strings(counts.read_obs(key)) for key in label_keys}
+        labelled = [[x is not None for x in v] for v in labels.values()]
+        keep &= np.any(labelled, axis=0)
+        bundle = load_bundle(bundle_or_default(model))
+        match = match_bundle_genes(counts, bundle, gene_column, min_gene_fraction)
+        load = {"device": device, "precision": precision, "threads": threads}
+        with Model.load(bundle, **load, batch_size=batch_size, verbose=verbose) as served:
+            result = run(served, counts, match.column_ids, block_size=block_size, progress=progress)
+            rows = np.flatnonzero(keep)
+            ref = reference_files.build(
+                result.embedding[rows],
+                result.obs_names[rows],
+                {key: v[rows] for key, v in labels.items()},
+                served.bundle_sha256,
+                file.name,
+            )
+            reference_files.save(ref, out)
+            precision = served.precision
+    return {
+        "command": "reference build",
+        "input": str(file),
+        "output": str(out),
+        "n_cells": len(rows),
+        "n_left_out": int(counts.n_cells - len(rows)),
+        "label_keys": {key: classes for key, (classes, _) in ref.labels.items()},
+        "bundle": str(bundle.path),
+        "bundle_sha256": ref.bundle_sha256,
+        "precision": precision,
+        "seconds": round(time.perf_counter() - t0, 3),
+    }

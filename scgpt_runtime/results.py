@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+UNKNOWN = "Unknown"  # the label of a cell below the confidence threshold, or too far away
+
 
 @dataclass
 class Result:
@@ -15,7 +17,9 @@ class Result:
     n_genes: np.ndarray  # (n,) int64: genes the model saw; 0 = no matched gene (<cls> alone)
     embedding: np.ndarray  # (n, d) float32: L2-normalised or raw <cls> embedding
     labels: list[str] | None = None  # class names, in class_probs column order (annotate only)
-    class_probs: np.ndarray | None = None  # (n, n_cls) float32 (annotate only)
+    class_probs: np.ndarray | None = None  # (n, n_cls) float32: head or vote shares (annotate)
+    codes: np.ndarray | None = None  # (n,) int64 predicted class, -1 = Unknown (see `decide`)
+    knn_distance: np.ndarray | None = None  # (n,) float32 to the nearest reference cell
     graphs: dict[int, int] = field(default_factory=dict)  # graph length -> cells it served
 
     @property
@@ -24,8 +28,10 @@ class Result:
 
     @property
     def predicted_labels(self) -> np.ndarray:
-        """(n,) str: the most probable class (the first of equals)."""
-        return np.asarray(self._labels(), dtype=object)[self.class_probs.argmax(1)].astype(str)
+        """(n,) str: the most probable class (the first of equals), or "Unknown"."""
+        codes = self.class_probs.argmax(1) if self.codes is None else self.codes
+        names = np.asarray([*self._labels(), UNKNOWN], dtype=object)
+        return names[codes].astype(str)  # code -1 indexes UNKNOWN, the last
 
     @property
     def conf_score(self) -> np.ndarray:
@@ -45,6 +51,17 @@ class Result:
         names, counts = np.unique(self.predicted_labels, return_counts=True)
         order = np.argsort(-counts, kind="stable")
         return {str(names[i]): int(counts[i]) for i in order}
+
+    def decide(self, unknown_below: float = 0.0, too_far: np.ndarray | None = None) -> None:
+        """Set `codes`: the most probable class, -1 (Unknown) where its probability (or vote
+        share) is below `unknown_below`, where `too_far` (n,) bool, or where nothing voted."""
+        probs = self.class_probs
+        self._labels()
+        codes = probs.argmax(1)
+        unknown = (probs.max(1) < unknown_below) | (probs.sum(1) == 0)
+        if too_far is not None:
+            unknown |= too_far
+        self.codes = np.where(unknown, -1, codes).astype(np.int64)
 
     def add_graphs(self, counts: dict[int, int]) -> None:
         for length, k in counts.items():

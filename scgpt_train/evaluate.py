@@ -11,10 +11,10 @@ import numpy as np
 
 from scgpt_runtime.errors import InputError
 from scgpt_runtime.io.write import atomic_path
+from scgpt_runtime.knn import VOTES
 
 from .checkpoint import created, sha256_file
 from .metrics import (
-    VOTES,
     annotation_metrics,
     decide,
     integration_metrics,
@@ -68,8 +68,7 @@ def evaluate_bundle(cfg: EvaluateConfig) -> dict[str, Any]:
     from scgpt_runtime import Model
     from scgpt_runtime.bundle import record_evaluation
     from scgpt_runtime.io import open_counts
-
-    from .cells import obs_strings, parse_where, selected
+    from scgpt_runtime.obs import obs_strings, parse_where, selected
 
     model = Model.load(cfg.bundle, device="cpu", precision=cfg.precision)
     truth, pred, names, conf = [], [], [], []

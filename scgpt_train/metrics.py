@@ -25,7 +25,9 @@ from typing import Any
 
 import numpy as np
 
-VOTES = ("majority", "distance")
+from scgpt_runtime.knn import l2_normalize, search
+from scgpt_runtime.knn import vote as knn_vote
+
 UNKNOWN = "unknown"  # the label of a cell whose confidence is below the threshold
 CHUNK = 1024  # rows of a distance matrix held at once
 
@@ -297,13 +299,6 @@ class Prediction:
     conf_score: np.ndarray  # (n,) the largest vote share
 
 
-def l2_normalize(x: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit length (zero rows stay zero)."""
-    x = np.asarray(x, dtype=np.float64)
-    norm = np.linalg.norm(x, axis=1, keepdims=True)
-    return np.divide(x, norm, out=np.zeros_like(x), where=norm > 0)
-
-
 def knn_transfer(
     reference: np.ndarray,
     reference_labels: np.ndarray,
@@ -313,34 +308,14 @@ def knn_transfer(
     unknown_threshold: float | None = None,
 ) -> Prediction:
     """Zero-shot reference mapping: each query cell gets the labels of its k nearest reference
-    cells on L2-normalised embeddings (the official scGPT reference mapping uses k = 10).
-
-    vote "majority": share of the k neighbours per class; "distance": votes weighted by
-    1 / distance (scikit-learn's weights="distance"; an exact match takes the whole vote).
-    Ties go to the first class in sorted order. Returns a Prediction.
-    """
-    if vote not in VOTES:
-        raise ValueError(f"vote must be one of {VOTES}, not {vote!r}")
+    cells on L2-normalised embeddings (the official scGPT reference mapping uses k = 10), by
+    the runtime's exact search and vote (scgpt_runtime.knn; "majority" or "distance"). Ties
+    go to the first class in sorted order. Returns a Prediction."""
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
-    ref, q = l2_normalize(reference), l2_normalize(query)
     classes, (codes,) = _codes(np.asarray(reference_labels).astype(str))
-    k = min(k, len(ref))
-    probs = np.zeros((len(q), len(classes)))
-    for lo in range(0, len(q), CHUNK):
-        d = np.sqrt(_sq_distances(q[lo : lo + CHUNK], ref))  # (c, n_ref)
-        nn = np.argpartition(d, k - 1, axis=1)[:, :k]
-        dist = np.take_along_axis(d, nn, 1)
-        if vote == "majority":
-            w = np.ones_like(dist)
-        else:
-            exact = dist == 0
-            w = np.where(
-                exact.any(1, keepdims=True), exact.astype(np.float64), 1 / np.where(exact, 1, dist)
-            )
-        rows = np.repeat(np.arange(len(nn)), k)
-        np.add.at(probs[lo : lo + len(nn)], (rows, codes[nn].reshape(-1)), w.reshape(-1))
-    probs /= probs.sum(1, keepdims=True)
+    neighbours, distances = search(l2_normalize(query), l2_normalize(reference), k)
+    probs = knn_vote(neighbours, distances, codes, len(classes), vote)
     return decide([str(c) for c in classes], probs, unknown_threshold)
 
 

@@ -11,10 +11,10 @@ from typing import Any
 import torch
 
 from scgpt_runtime.errors import InputError
+from scgpt_runtime.obs import parse_where
 from scgpt_runtime.tokens import TokenConfig
 from scgpt_runtime.vocab import Vocab
 
-from .cells import parse_where
 from .checkpoint import RunInfo, load_run
 from .data import build_vocab
 from .model import ModelConfig, ScGPT

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from .common import command_group
 from .describe import info, inspect
+from .reference import reference
 from .serve import annotate, embed, merge
 
 cli = command_group("Annotate and embed single cells with scGPT, on GPU when there is one.")
-for command in (annotate, embed, info, merge, inspect):
+for command in (annotate, embed, info, merge, inspect, reference):
     cli.add_command(command)
 
 

@@ -10,6 +10,8 @@ from pathlib import Path
 import click
 
 from .. import outputs, pipeline
+from ..knn import VOTES
+from ..reference import UNKNOWN_BELOW
 from .common import inplace_option, model_option, option, progress_bar, run_options
 
 log = logging.getLogger("scgpt_runtime")
@@ -74,7 +76,10 @@ Examples:
   scgpt-run annotate pbmc.h5ad --model bundles/pbmc --out labels.csv --top-k 3
   scgpt-run annotate pbmc.h5ad --model bundles/pbmc --inplace --prefix scgpt_
   scgpt-run annotate filtered_feature_bc_matrix.h5 --model bundles/pbmc > labels.csv
-  scgpt-run annotate big.h5ad --model bundles/pbmc --shard 2/8 --out big.2.part"""
+  scgpt-run annotate big.h5ad --model bundles/pbmc --shard 2/8 --out big.2.part
+  scgpt-run annotate query.h5ad --reference ref.scref --out query_labels.csv
+  scgpt-run annotate query.h5ad --model bundles/human --reference lung.scref \\
+      --label-key cell_type_fine --k 20 --vote distance --unknown-below 0.6"""
 )
 @model_option
 @click.option(
@@ -89,6 +94,41 @@ Examples:
     "top_k",
     type=click.IntRange(min=0),
     help="Also give the K most probable labels and their probabilities.",
+)
+@click.option(
+    "--reference",
+    type=click.Path(dir_okay=False, path_type=str),
+    help="Label cells by their nearest cells of this reference (scgpt-run reference build, "
+    "with the same model) instead of the model's head.",
+)
+@click.option("--label-key", help="With --reference: its labels to transfer [default: its first]")
+@option(
+    pipeline.serve,
+    "k",
+    "--k",
+    type=click.IntRange(min=1),
+    help="With --reference: neighbours that vote.",
+)
+@option(
+    pipeline.serve,
+    "vote",
+    type=click.Choice(VOTES),
+    help="With --reference: majority, or votes weighed by 1 / distance.",
+)
+@click.option(
+    "--unknown-below",
+    type=click.FloatRange(0, 1),
+    help="Call a cell Unknown where its probability (head) or vote share (reference) is below "
+    f"this [default: head 0 (off), reference {UNKNOWN_BELOW}]",
+)
+@option(
+    pipeline.serve,
+    "distance_quantile",
+    "--unknown-distance-quantile",
+    "distance_quantile",
+    type=click.FloatRange(0, 1),
+    help="With --reference: Unknown where a cell is farther from its nearest reference cell "
+    "than this share of reference cells are from theirs (1: off).",
 )
 @run_options
 def annotate(
@@ -107,11 +147,15 @@ def annotate(
 
     Per cell: the predicted label, its probability (conf_score), the number of genes the
     model saw (n_genes; 0 means no gene of the cell is in the vocabulary), and with --top-k the
-    K most probable labels. CSV/TSV rows are keyed by cell barcode, in file order. An .h5ad
-    output is a copy of FILE (or, for a 10x FILE, a new file) with the obs columns
-    {prefix}predicted_labels, {prefix}conf_score and {prefix}n_genes, the L2-normalised
-    embedding in obsm["X_scGPT"] and the provenance in uns["scGPT"]; --inplace writes them
-    into FILE itself (atomically: an interruption leaves FILE as it was).
+    K most probable labels. With --reference the label is the vote of the cell's --k nearest
+    reference cells (L2-normalised embeddings, exact search), conf_score its vote share, and
+    knn_distance the distance to the nearest reference cell. Below --unknown-below, or too far
+    from the reference, a cell is "Unknown". CSV/TSV rows are keyed by cell barcode, in file
+    order. An .h5ad output is a copy of FILE (or, for a 10x FILE, a new file) with the obs
+    columns {prefix}predicted_labels, {prefix}conf_score and {prefix}n_genes (and
+    {prefix}knn_distance), the L2-normalised embedding in obsm["X_scGPT"] and the provenance
+    in uns["scGPT"]; --inplace writes them into FILE itself (atomically: an interruption
+    leaves FILE as it was).
     """
     _serve(
         "annotate",

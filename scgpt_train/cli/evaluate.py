@@ -7,9 +7,10 @@ from typing import Any
 
 import click
 
+from scgpt_runtime.knn import VOTES
+
 from ..evaluate import EvaluateConfig
 from ..evaluate import evaluate as run_evaluate
-from ..metrics import VOTES
 from .common import expand_data, option
 
 
