@@ -23,7 +23,7 @@ from safetensors.numpy import save_file
 from .bundle.format import decode_strings, encode_strings
 from .errors import BundleError, InputError
 from .io.write import atomic_path
-from .knn import l2_normalize, search, vote
+from .knn import search, vote
 from .results import Result
 
 FORMAT, FORMAT_VERSION = "scgpt-reference", 1
@@ -118,8 +118,9 @@ def build(
     source: str,
     seed: int = 0,
 ) -> Reference:
-    """A Reference of embedded cells with their labels (key -> (n,) values, None = missing)."""
-    emb = l2_normalize(embeddings)
+    """A Reference of cells' L2-normalised embeddings (as the engine gives them, kept bit for
+    bit) with their labels (key -> (n,) values, None = missing)."""
+    emb = np.ascontiguousarray(embeddings, dtype=np.float32)
     coded = {}
     for key, values in labels.items():
         present = [v for v in values if v is not None]
