@@ -140,6 +140,7 @@ def export_run(
             labels=info.labels,
             gene_panel=info.train.get("gene_panel"),
             parameters=served_parameters(model),
+            calibration=info.calibration,
             validation=validation,
             provenance={"training": info.provenance, "export": _provenance(run, opset)},
             overwrite=overwrite,

@@ -35,7 +35,7 @@ from .io.arrays import ArrayCounts
 from .io.base import CountMatrix
 from .obs import obs_strings
 from .reference import Reference
-from .results import Result
+from .results import Result, temperature_scaled
 from .served import ServedModel
 from .tokens import TokenBlock, tokenize
 
@@ -247,7 +247,9 @@ def run(
         result.n_genes[rows] = tokens.n_genes
         result.embedding[rows] = outputs[names[0]]
         if class_probs:
-            result.class_probs[rows] = outputs[CLASS_PROBS]
+            result.class_probs[rows] = temperature_scaled(
+                outputs[CLASS_PROBS], model.bundle.temperature
+            )
         result.add_graphs(model.lengths_for(1 + tokens.n_genes))
         done += tokens.n_cells
         if progress:

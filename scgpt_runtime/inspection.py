@@ -99,6 +99,7 @@ def bundle_info(path: str | Path, *, verify: bool = True) -> dict:
                 b.variants, key=lambda v: (b.precisions.index(v.precision), v.max_seq_len)
             )
         ],
+        "calibration": b.config.get("calibration"),
         "validation": b.config.get("validation", {}),
         "provenance": b.config.get("provenance", {}),
         "evaluation": b.evaluation,

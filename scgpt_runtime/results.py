@@ -71,3 +71,13 @@ class Result:
         if self.labels is None or self.class_probs is None:
             raise ValueError("these results have no cell-type predictions (embed, not annotate)")
         return self.labels
+
+
+def temperature_scaled(probs: np.ndarray, temperature: float) -> np.ndarray:
+    """Softmax probabilities with their logits divided by `temperature`: p^(1/T), renormalised
+    (exact for softmax outputs; T > 1 softens overconfident heads). float32 in, float32 out."""
+    if temperature == 1.0:
+        return probs
+    logp = np.log(np.maximum(probs.astype(np.float64), 1e-300)) / temperature
+    scaled = np.exp(logp - logp.max(1, keepdims=True))
+    return (scaled / scaled.sum(1, keepdims=True)).astype(np.float32)

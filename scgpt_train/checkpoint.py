@@ -51,6 +51,7 @@ class RunInfo:
     batches: list[str] | None = None  # batch names, in batch-label order
     train: dict[str, Any] = field(default_factory=dict)  # the resolved training config
     provenance: dict[str, Any] = field(default_factory=dict)
+    calibration: dict[str, Any] | None = None  # temperature of the head, fitted on validation
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -61,6 +62,7 @@ class RunInfo:
             "batches": self.batches,
             "train": self.train,
             "provenance": self.provenance,
+            "calibration": self.calibration,
         }
 
 
@@ -94,6 +96,7 @@ def load_run(run_dir: str | Path, map_location: str = "cpu") -> tuple[ScGPT, Run
             batches=config.get("batches"),
             train=config.get("train", {}),
             provenance=config.get("provenance", {}),
+            calibration=config.get("calibration"),
         )
     except (KeyError, ValueError, TypeError) as e:
         raise InputError(f"{run_dir / 'config.json'}: invalid run config ({e})") from e

@@ -13,6 +13,7 @@ from scgpt_runtime.errors import InputError
 from scgpt_runtime.io.write import atomic_path
 from scgpt_runtime.knn import VOTES
 
+from .calibration import expected_calibration_error
 from .checkpoint import created, sha256_file
 from .metrics import (
     annotation_metrics,
@@ -63,15 +64,17 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
 
 
 def evaluate_bundle(cfg: EvaluateConfig) -> dict[str, Any]:
-    """Score a bundle's cell-type head as `scgpt-run annotate` serves it (onnxruntime, CPU);
-    with cfg.record the metrics go into the bundle's config.json ("evaluation")."""
+    """Score a bundle's cell-type head as `scgpt-run annotate` serves it (onnxruntime, CPU,
+    temperature-scaled where the bundle is calibrated), with its expected calibration error
+    as served and without the temperature; with cfg.record the metrics go into the bundle's
+    evaluation.json."""
     from scgpt_runtime import Model
     from scgpt_runtime.bundle import record_evaluation
     from scgpt_runtime.io import open_counts
     from scgpt_runtime.obs import obs_strings, parse_where, selected
 
     model = Model.load(cfg.bundle, device="cpu", precision=cfg.precision)
-    truth, pred, names, conf = [], [], [], []
+    truth, pred, names, conf, probs = [], [], [], [], []
     for path in cfg.data:
         with open_counts(path) as counts:
             keep = selected(counts, parse_where(cfg.where))
@@ -82,9 +85,11 @@ def evaluate_bundle(cfg: EvaluateConfig) -> dict[str, Any]:
         pred.append(out.predicted_labels)
         names.append(ann.obs_names[keep])
         conf.append(out.conf_score)
+        probs.append(ann.class_probs[keep])
     truth_all, pred_all = np.concatenate(truth), np.concatenate(pred)
     labelled = np.array([v is not None for v in truth_all.tolist()])
     metrics = annotation_metrics(truth_all[labelled].astype(str), pred_all[labelled])
+    metrics |= _calibration(np.concatenate(probs)[labelled], truth_all[labelled], model)
     res = {
         "bundle": cfg.bundle,
         "precision": model.precision,
@@ -110,10 +115,27 @@ def evaluate_bundle(cfg: EvaluateConfig) -> dict[str, Any]:
                 "accuracy": metrics["accuracy"],
                 "macro_f1": metrics["macro_f1"],
                 "per_class_f1": metrics["per_class_f1"],
+                "ece": metrics["ece"],
+                "ece_uncalibrated": metrics["ece_uncalibrated"],
                 "created": created(),
             },
         )
     return res
+
+
+def _calibration(probs: np.ndarray, truth: np.ndarray, model: Any) -> dict[str, Any]:
+    """Expected calibration error as served and with the bundle's temperature undone (cells
+    of classes the head does not know count as wrong)."""
+    from scgpt_runtime.results import temperature_scaled
+
+    index = {c: i for i, c in enumerate(model.labels)}
+    codes = np.array([index.get(str(t), -1) for t in truth])
+    raw = temperature_scaled(probs, 1 / model.bundle.temperature)
+    return {
+        "ece": round(expected_calibration_error(probs, codes), 6),
+        "ece_uncalibrated": round(expected_calibration_error(raw, codes), 6),
+        "temperature": model.bundle.temperature,
+    }
 
 
 def evaluate_run(cfg: EvaluateConfig) -> dict[str, Any]:

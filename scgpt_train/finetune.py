@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from scgpt_runtime.errors import InputError
 
+from .calibration import calibrate
 from .cells import MISSING, class_names, codes_of, load_cells, minibatches, stratified_split
 from .checkpoint import MetricsLog, RunInfo, save_run, write_json
 from .distributed import resolve_device
@@ -195,6 +196,12 @@ def finetune_annotate(cfg: AnnotateConfig) -> dict[str, Any]:
                 break
     metrics.close()
     model.load_state_dict(best_state)
+    calibration = None
+    if len(val):  # the best epoch's confidence on the validation cells, made honest
+        vb = None if batch_codes is None else batch_codes[val]
+        probs = predict(model, classes, cells.tokens.take(val), vb).probabilities
+        calibration = calibrate(probs, codes[val])
+        log.info("calibration on %d validation cells: %s", len(val), calibration)
     info = RunInfo(
         model.cfg,
         start.tokens,
@@ -203,6 +210,7 @@ def finetune_annotate(cfg: AnnotateConfig) -> dict[str, Any]:
         batches=batch_names,
         train=asdict(cfg),
         provenance=run_provenance(cfg.data, start, report),
+        calibration=calibration,
     )
     save_run(out, model.cpu(), info)
     summary = {
@@ -211,6 +219,7 @@ def finetune_annotate(cfg: AnnotateConfig) -> dict[str, Any]:
         "best_epoch": best["epoch"],
         "val_macro_f1": best.get("val_macro_f1"),
         "val_accuracy": best.get("val_accuracy"),
+        "calibration": calibration,
         "n_train": len(train),
         "n_val": len(val),
         "n_unlabelled": int((codes == MISSING).sum()),

@@ -74,6 +74,11 @@ class Bundle:
         return sha256_bytes((self.path / CONFIG_FILE).read_bytes())
 
     @property
+    def temperature(self) -> float:
+        """The head's temperature (1: uncalibrated): class_probs are served temperature-scaled."""
+        return float(self.config.get("calibration", {}).get("temperature", 1.0))
+
+    @property
     def variants(self) -> list[Variant]:
         """The cell-embedding graphs."""
         return self.graphs[EMBED].variants

@@ -138,6 +138,10 @@ def _bundle(path: Path, config: dict[str, Any]) -> Bundle:
         raise ValueError(f"a bundle needs {EMBED!r} graphs")
     check_variants(config["graphs"][EMBED]["variants"], tokens.max_seq_len)
     parameters = config.get("parameters")
+    if "calibration" in config:
+        t = config["calibration"]["temperature"]
+        if not labels or not isinstance(t, int | float) or not 0 < t < float("inf"):
+            raise ValueError("calibration needs a cell-type head and a positive temperature")
     return Bundle(path, config, tokens, vocab, labels, gene_panel, inputs, graphs, parameters)
 
 

@@ -72,6 +72,7 @@ def write_bundle(
     labels: Sequence[str] | None = None,
     gene_panel: Sequence[str] | None = None,
     parameters: int | None = None,
+    calibration: Mapping[str, Any] | None = None,
     validation: Mapping[str, Any] | None = None,
     provenance: Mapping[str, Any] | None = None,
     overwrite: bool = False,
@@ -85,13 +86,18 @@ def write_bundle(
         vocab: token names in id order. labels: class names, required when model n_cls > 0.
         gene_panel: genes the model was restricted to, all in the vocabulary (None: all).
         parameters: parameters of what the graphs compute (the model without its training
-            decoders). validation, provenance: records stored as they are.
+            decoders). calibration: the head's temperature ("temperature") and its record,
+            applied by the runtime to class_probs. validation, provenance: stored as they are.
     Returns the bundle path. Raises OutputError where `out` exists (see check_target).
     """
     out = check_target(out, overwrite)
     config = _config(
         model, parameters, tokens, vocab, variants, labels, gene_panel, validation, provenance
     )
+    if calibration is not None:
+        if not labels or not calibration.get("temperature", 0) > 0:
+            raise ValueError("a calibration needs a cell-type head and a positive temperature")
+        config = {**config, "calibration": dict(calibration)}
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     try:
         umask = _umask()

@@ -52,6 +52,13 @@ def info(bundle: str | None, as_json: bool) -> None:
     for v in report["variants"]:
         errors = ", ".join(f"{k} {x:.3g}" for k, x in v["errors"].items())
         click.echo(f"  {v['precision']} {v['max_seq_len']:>5}: {v['megabytes']} MB; {errors}")
+    calibration = report["calibration"]
+    if calibration:
+        click.echo(
+            f"calibration:    temperature {calibration['temperature']:.3g}, expected calibration "
+            f"error {calibration['ece_before']:.3f} -> {calibration['ece_after']:.3f} on "
+            f"{calibration['n_cells']} validation cells"
+        )
     validation = report["validation"]
     if validation:
         click.echo(
@@ -63,8 +70,9 @@ def info(bundle: str | None, as_json: bool) -> None:
         click.echo(f"exported:       {export.get('created')} from {export.get('run')}")
     for e in report["evaluation"]:
         where = f" where {' '.join(e['where'])}" if e["where"] else ""
+        ece = f", ECE {e['ece']} (uncalibrated {e['ece_uncalibrated']})" if "ece" in e else ""
         click.echo(
-            f"evaluated:      macro-F1 {e['macro_f1']}, accuracy {e['accuracy']} on "
+            f"evaluated:      macro-F1 {e['macro_f1']}, accuracy {e['accuracy']}{ece} on "
             f"{e['n_cells']} cells of {', '.join(e['data'])}{where} ({e['precision']})"
         )
 

@@ -302,6 +302,23 @@ def copy_run(small_run, tmp_path, data):
     return run
 
 
+def test_the_head_calibration_goes_into_the_bundle(small_run, tmp_path):
+    run = shutil.copytree(small_run, tmp_path / "run")
+    config = json.loads((run / "config.json").read_text())
+    config["calibration"] = {
+        "temperature": 1.7,
+        "ece_before": 0.1,
+        "ece_after": 0.04,
+        "n_cells": 20,
+        "bins": 15,
+    }
+    (run / "config.json").write_text(json.dumps(config))
+    export_run(run, tmp_path / "b", max_lens=[16], validation_cells=8)
+    b = load_bundle(tmp_path / "b")
+    assert b.config["calibration"] == config["calibration"]
+    assert b.temperature == 1.7
+
+
 def test_run_without_data_is_validated_on_synthetic_cells(small_run, tmp_path):
     """Synthetic cells, said so in the bundle; here also opset 20 without contrib operators."""
     run = copy_run(small_run, tmp_path, [])

@@ -3,6 +3,7 @@ the same bits whatever the batch size, block size, thread count, range split or 
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
@@ -18,6 +19,7 @@ from scgpt_runtime.bundle import load_bundle, write_bundle
 from scgpt_runtime.errors import BundleError, DeviceError, GeneMatchError, InputError
 from scgpt_runtime.genes import match_genes
 from scgpt_runtime.io import open_counts
+from scgpt_runtime.results import temperature_scaled
 from scgpt_runtime.served import choose_precision
 from scgpt_runtime.session import Runner, open_session
 from scgpt_runtime.tokens import tokenize
@@ -314,3 +316,33 @@ def test_a_format_1_bundle_serves_bit_for_bit_as_its_format_2_export(
     assert set(new.graphs) == {SHORT, MAX_LEN}
     np.testing.assert_array_equal(old.embedding, new.embedding)
     np.testing.assert_array_equal(old.class_probs, new.class_probs)
+
+
+def test_a_calibrated_head_is_served_temperature_scaled(served_bundle, kang, tmp_path):
+    """The bundle's temperature divides the head's logits; annotate --unknown-below then
+    works on the calibrated probabilities."""
+    calibrated = tmp_path / "calibrated"
+    shutil.copytree(served_bundle, calibrated)
+    config = json.loads((calibrated / "config.json").read_text())
+    config["calibration"] = {
+        "temperature": 2.0,
+        "ece_before": 0.2,
+        "ece_after": 0.05,
+        "n_cells": 50,
+        "bins": 15,
+    }
+    (calibrated / "config.json").write_text(json.dumps(config))
+    plain = Model.load(served_bundle, device="cpu", precision="fp32").annotate(kang, stop=50)
+    model = Model.load(calibrated, device="cpu", precision="fp32")
+    got = model.annotate(kang, stop=50)
+    np.testing.assert_allclose(
+        got.class_probs, temperature_scaled(plain.class_probs, 2.0), atol=1e-6
+    )
+    assert (got.predicted_labels == plain.predicted_labels).all()  # the order of classes holds
+    cut = float(np.median(got.conf_score))
+    unsure = model.annotate(kang, stop=50, unknown_below=cut)
+    assert ((unsure.predicted_labels == "Unknown") == (got.conf_score < cut)).all()
+    config["calibration"]["temperature"] = -1
+    (calibrated / "config.json").write_text(json.dumps(config))
+    with pytest.raises(BundleError, match="positive temperature"):
+        load_bundle(calibrated)

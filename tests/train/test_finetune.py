@@ -86,6 +86,10 @@ def test_short_finetune_on_real_data_beats_the_majority_rate(shared_data, tmp_pa
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["loss"] < rows[0]["loss"]
     assert summary["val_macro_f1"] == max(r["val_macro_f1"] for r in rows)  # best epoch kept
+    # the head's temperature, fitted on the validation cells of the best epoch, is in the run
+    assert info.calibration == summary["calibration"]
+    assert info.calibration["n_cells"] == summary["n_val"]
+    assert info.calibration["temperature"] > 0
 
 
 def test_missing_labels_are_left_out_of_the_loss(tmp_path):
