@@ -290,3 +290,16 @@ def test_annotate_with_an_unknown_label_key_or_missing_reference(
     missing = run("annotate", kang_small, "--model", served_bundle, "--reference", "no.scref")
     assert missing.exit_code == 5
     assert "no such reference file" in missing.stderr
+
+
+def test_faiss_candidates_give_the_same_neighbours():
+    pytest.importorskip("faiss")  # the optional extra [faiss]; the test extra installs it
+    rng = np.random.default_rng(1)
+    ref = knn.l2_normalize(rng.normal(size=(3000, 32)))
+    ref[200:240] = ref[7]
+    query = knn.l2_normalize(rng.normal(size=(300, 32)))
+    query[:2] = ref[7]
+    numpy_result = knn.search(query, ref, 15, backend="numpy")
+    faiss_result = knn.search(query, ref, 15, backend="faiss")
+    for a, b in zip(numpy_result, faiss_result, strict=True):
+        np.testing.assert_array_equal(a, b)
