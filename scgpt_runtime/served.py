@@ -62,6 +62,15 @@ def bundle_or_default(bundle: str | Path | None) -> str | Path:
     return bundle
 
 
+def default_threads() -> int:
+    """OMP_NUM_THREADS where it is set to a positive integer (what HPC schedulers and users set
+    to share a node), else every CPU this process may use."""
+    value = os.environ.get("OMP_NUM_THREADS", "")
+    if value.isdigit() and int(value) > 0:
+        return int(value)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def choose_precision(bundle: Bundle, device: str, precision: str = "auto") -> str:
     """`precision`, checked against the bundle; "auto": the first the bundle has of fp16,
     fp32, int8 on CUDA and of int8, fp32, fp16 on the CPU."""
@@ -105,7 +114,8 @@ class ServedModel:
             device: "auto" (CUDA when its provider starts, else CPU), "cuda" or "cpu".
             precision: "auto" (fp16 on CUDA; int8 on CPU when the bundle has it, else fp32),
                 or "fp32", "fp16", "int8".
-            threads: CPU worker threads [default: the CPUs this process may use].
+            threads: CPU worker threads [default: OMP_NUM_THREADS, else the CPUs this process
+                may use].
             batch_size: cells per graph call [default: 64 on CUDA, 16 on CPU].
             verify: check the sha256 of every bundle file (a few seconds for large bundles).
         Raises BundleError (missing, damaged, wrong version, no such precision) and
@@ -118,8 +128,7 @@ class ServedModel:
         probe = min(b.variants, key=lambda v: v.path.stat().st_size).path
         resolved = resolve_device(device, probe, verbose=verbose)
         precision = choose_precision(b, resolved, precision)
-        if threads is None:
-            threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+        threads = default_threads() if threads is None else threads
         batch_size = batch_size or BATCH_SIZE[resolved]
         if threads < 1 or batch_size < 1:
             raise ValueError("threads and batch_size must be at least 1")

@@ -147,7 +147,8 @@ def run_options(f: Callable) -> Callable:
         click.option(
             "--threads",
             type=click.IntRange(min=1),
-            help="CPU threads running the model [default: all CPUs of this process]",
+            help="CPU threads running the model [default: OMP_NUM_THREADS, else all CPUs of "
+            "this process]",
         ),
         click.option(
             "--batch-size",

@@ -4,6 +4,7 @@ the same bits whatever the batch size, block size, thread count, range split or 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -346,3 +347,13 @@ def test_a_calibrated_head_is_served_temperature_scaled(served_bundle, kang, tmp
     (calibrated / "config.json").write_text(json.dumps(config))
     with pytest.raises(BundleError, match="positive temperature"):
         load_bundle(calibrated)
+
+
+@pytest.mark.parametrize(("value", "expected"), [("3", 3), ("", None), ("0", None), ("x", None)])
+def test_omp_num_threads_sets_the_default_thread_count(served_bundle, monkeypatch, value, expected):
+    monkeypatch.setenv("OMP_NUM_THREADS", value)
+    cpus = len(os.sched_getaffinity(0))
+    with Model.load(served_bundle, device="cpu") as model:
+        assert model.threads == (expected or cpus)
+    with Model.load(served_bundle, device="cpu", threads=1) as model:
+        assert model.threads == 1  # --threads wins
