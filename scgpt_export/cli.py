@@ -38,8 +38,9 @@ Examples:
     type=click.IntRange(min=2),
     multiple=True,
     help="A length cells are served at (tokens, <cls> included); repeatable: short cells run "
-    "cheaper at a short length, the longest sets the bundle's max_seq_len [default: the run's "
-    "max_seq_len]",
+    "cheaper at a short length, the longest sets the bundle's max_seq_len [default: up to 5 "
+    "lengths up to the run's max_seq_len, chosen from the token counts of the validation "
+    "cells]",
 )
 @option(
     export_run,
@@ -47,7 +48,8 @@ Examples:
     "--precision",
     type=click.Choice(PRECISIONS),
     multiple=True,
-    help="fp32 (reference), fp16 (GPU), int8 (dynamic quantization, CPU); repeatable.",
+    help="fp32 (reference), fp16 (GPU), int8 (dynamic quantization, CPU); repeatable. A "
+    "precision that misses its tolerance is left out with a warning.",
 )
 @click.option(
     "--validation-data",
@@ -82,13 +84,15 @@ def export(
 ) -> None:
     """Export the model of run directory RUN as a model bundle for scgpt-run.
 
-    Writes one ONNX graph per precision, served at each length of the ladder (--max-len), the
-    vocabulary and labels (safetensors) and config.json with preprocessing, provenance and the
-    sha256 of every file (format: docs/bundle-format.md). Every graph is checked at every
-    length against PyTorch on real cells (the first --validation-cells cells of the run's
-    training data or of --validation-data, a cell with <cls> alone, a full-length cell); export
-    fails, writing nothing, where one misses its tolerance: fp32 max abs error 1e-4 on the
-    embeddings, fp16 cosine 0.999, int8 cosine 0.99 and top-1 class agreement 99%.
+    Writes one ONNX graph per precision (by default fp32, fp16 for GPUs and int8 for CPUs),
+    served at each length of a ladder chosen from the cells (or --max-len), the vocabulary
+    and labels (safetensors) and config.json with preprocessing, provenance and the sha256 of
+    every file (format: docs/bundle-format.md). Every graph is checked at every length against
+    PyTorch on real cells (the first --validation-cells cells of the run's training data or of
+    --validation-data, a cell with <cls> alone, a full-length cell) and held to its tolerance:
+    fp32 max abs error 1e-4 on the embeddings, fp16 cosine 0.999, int8 cosine 0.99 and top-1
+    class agreement 99%. A precision that misses it is left out with a warning; where none
+    is left the export fails and writes nothing.
     """
     _quiet_libraries()
     summary = export_run(
@@ -109,6 +113,8 @@ def export(
     for v in summary["variants"]:
         errors = ", ".join(f"{k} {x:.6g}" for k, x in v["errors"].items())
         click.echo(f"{v['precision']} at {v['max_seq_len']} tokens: {errors}")
+    for precision, why in summary["left_out"].items():
+        click.echo(f"{precision}: left out ({why})")
     for name, size in summary["graphs"].items():
         click.echo(f"{name}: {size / 1e6:.1f} MB")
     click.echo(f"wrote {summary['bundle']}")

@@ -28,9 +28,18 @@ from scgpt_runtime.session import PROVIDERS
 from scgpt_train.checkpoint import RunInfo, command_line, created, load_run
 from scgpt_train.model import MASK_BIAS
 
+from .ladder import choose_ladder
 from .quantize import to_fp16, to_int8
 from .to_onnx import export_onnx, served_parameters
-from .validate import TOLERANCE, make_cells, read_cells, reference, validate
+from .validate import (
+    TOLERANCE,
+    ToleranceError,
+    make_cells,
+    read_cells,
+    reference,
+    token_counts,
+    validate,
+)
 
 log = logging.getLogger("scgpt_export")
 
@@ -40,7 +49,7 @@ def export_run(
     out: str | Path,
     *,
     max_lens: Sequence[int] | None = None,
-    precisions: Sequence[str] = ("fp32",),
+    precisions: Sequence[str] = PRECISIONS,
     validation_data: str | Path | None = None,
     validation_cells: int = 64,
     device: str = "cpu",
@@ -53,8 +62,12 @@ def export_run(
 
     Args:
         max_lens: the lengths the graphs serve (tokens per cell, <cls> included), each
-            validated; the longest becomes the bundle's max_seq_len. None: the run's.
+            validated; the longest becomes the bundle's max_seq_len. None: a ladder up to the
+            run's max_seq_len chosen from the token counts of the validation file's cells
+            (ladder.py; the run's length alone where cells are synthetic).
         precisions: any of "fp32", "fp16", "int8"; one graph per precision serves every length.
+            A precision whose graph misses its tolerance at a length is left out with a
+            warning (and named in the summary); the export fails only where none is left.
         validation_data: a count file (.h5ad, 10x .h5) whose first `validation_cells` cells
             validate every graph. None: the first training data file of the run that still
             exists; as many synthetic cells only where the run names no training data at all.
@@ -75,10 +88,8 @@ def export_run(
     if device not in PROVIDERS:
         raise ValueError(f"device must be one of {sorted(PROVIDERS)}, not {device!r}")
     model, info = load_run(run)
-    lengths = sorted(set(max_lens or [info.tokens.max_seq_len]))
-    if lengths[0] < 2:
-        raise ValueError(f"sequence lengths must be at least 2 (<cls> and a gene), not {lengths}")
-    tokens = replace(info.tokens, max_seq_len=lengths[-1])
+    if max_lens is not None and min(max_lens) < 2:
+        raise ValueError(f"sequence lengths must be at least 2 (<cls> and a gene), not {max_lens}")
     if info.model.n_dsbn:
         raise InputError(f"{run}: the model uses DSBN, which needs batch labels: not exportable")
     if info.model.n_cls and not info.labels:
@@ -88,6 +99,9 @@ def export_run(
     if source is not None:
         real = read_cells(source, info.vocab, validation_cells, info.train.get("gene_column"))
     log.info("validating on %s", source or f"{validation_cells} synthetic cells")
+    lengths = sorted(set(max_lens or _ladder(model, info, source)))
+    tokens = replace(info.tokens, max_seq_len=lengths[-1])
+    log.info("lengths served: %s", ", ".join(map(str, lengths)))
 
     scratch = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".export"))
     try:
@@ -101,27 +115,37 @@ def export_run(
             t0 = time.perf_counter()
             graphs[precision] = _convert(fp32, precision)
             timings[f"convert_{precision}"] = round(time.perf_counter() - t0, 2)
-        variants, full_length = [], {}
+        variants, full_length, left_out = [], {}, {}
         for length in lengths:
             cells, full_length[str(length)] = make_cells(
                 replace(tokens, max_seq_len=length), info.vocab, real, validation_cells
             )
             expected = reference(model, cells, batch_size)
-            for precision in precisions:
+            for precision in [p for p in precisions if p not in left_out]:
                 t0 = time.perf_counter()
-                errors = validate(
-                    graphs[precision],
-                    precision,
-                    cells,
-                    expected,
-                    device=device,
-                    batch_size=batch_size,
-                )
+                try:
+                    errors = validate(
+                        graphs[precision],
+                        precision,
+                        cells,
+                        expected,
+                        device=device,
+                        batch_size=batch_size,
+                    )
+                except ToleranceError as e:
+                    left_out[precision] = str(e)
+                    log.warning("%s: %s is left out of the bundle", e, precision)
+                    continue
                 timings[f"validate_{precision}_{length}"] = round(time.perf_counter() - t0, 2)
                 log.info("%s graph at %d tokens: %s", precision, length, _brief(errors))
                 tolerance = TOLERANCE[precision]
                 variants.append(Variant(precision, length, graphs[precision], errors, tolerance))
-        variants.sort(key=lambda v: (precisions.index(v.precision), v.max_seq_len))
+        variants = sorted(
+            (v for v in variants if v.precision not in left_out),
+            key=lambda v: (precisions.index(v.precision), v.max_seq_len),
+        )
+        if not variants:
+            raise ToleranceError("no graph passed its tolerance: " + "; ".join(left_out.values()))
         validation = {
             "cells": "real" if source is not None else "synthetic",
             "file": None if source is None else str(source),
@@ -160,10 +184,21 @@ def export_run(
             }
             for v in bundle.variants
         ],
+        "lengths": lengths,
+        "left_out": left_out,
         "timings": timings,
         "validation": validation,
         "seconds": round(time.perf_counter() - t_start, 2),
     }
+
+
+def _ladder(model: Any, info: RunInfo, source: Path | None) -> list[int]:
+    """The lengths to serve, from the token counts of the validation file's cells."""
+    if source is None:
+        return [info.tokens.max_seq_len]
+    n_tokens = token_counts(source, info.vocab, info.tokens, info.train.get("gene_column"))
+    cfg = info.model
+    return choose_ladder(n_tokens, info.tokens.max_seq_len, cfg.d_model, cfg.d_hid)
 
 
 def _validation_source(run: Path, info: RunInfo, given: str | Path | None) -> Path | None:

@@ -290,8 +290,34 @@ def test_a_missed_tolerance_fails_the_export_and_writes_nothing(small_run, tmp_p
     monkeypatch.setitem(TOLERANCE["fp32"], "min_cosine", 1.5)
     message = r"the fp32 graph at 16 tokens misses its tolerance .*min_cosine 1 \(limit 1.5\)"
     with pytest.raises(ToleranceError, match=message):
-        export_run(small_run, tmp_path / "b", max_lens=[16])
+        export_run(small_run, tmp_path / "b", max_lens=[16], precisions=("fp32",))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_precision_that_misses_its_tolerance_is_left_out(
+    small_run, tmp_path, monkeypatch, caplog
+):
+    monkeypatch.setitem(TOLERANCE["int8"], "min_cosine", 1.5)
+    summary = export_run(small_run, tmp_path / "b", max_lens=[16, 32], validation_cells=8)
+    assert load_bundle(tmp_path / "b").precisions == ["fp32", "fp16"]
+    assert list(summary["left_out"]) == ["int8"]
+    assert "int8 is left out of the bundle" in caplog.text
+
+
+def test_the_default_export_serves_a_ladder_chosen_from_the_cells(small_run, kang, tmp_path):
+    """A run of 64 tokens whose Kang cells (top genes) mostly fill it: the ladder is what
+    ladder.py makes of their token counts, and the three precisions pass."""
+    from scgpt_export.ladder import choose_ladder
+    from scgpt_export.validate import token_counts
+
+    model, info = load_run(small_run)
+    counts = token_counts(kang, info.vocab, info.tokens)
+    expected = choose_ladder(counts, MAX_LEN, model.cfg.d_model, model.cfg.d_hid)
+    summary = export_run(small_run, tmp_path / "b", validation_cells=8)
+    b = load_bundle(tmp_path / "b")
+    assert summary["lengths"] == expected == sorted({v.max_seq_len for v in b.variants})
+    assert expected[-1] == MAX_LEN
+    assert b.precisions == ["fp32", "fp16", "int8"]
 
 
 def copy_run(small_run, tmp_path, data):

@@ -92,8 +92,13 @@ def test_whole_human_export_matches_pytorch(tmp_path, shared_data):
     (folder / "best_model.pt").unlink()
 
     summary = export_run(
-        tmp_path / "run", tmp_path / "bundle", validation_data=kang, validation_cells=4
-    )
+        tmp_path / "run",
+        tmp_path / "bundle",
+        validation_data=kang,
+        validation_cells=4,
+        max_lens=[1200],
+        precisions=("fp32",),
+    )  # the default ladder and precisions are tested on the small model (test_export.py)
     (fp32,) = summary["variants"]
     assert fp32["max_seq_len"] == 1200
     assert fp32["errors"]["cell_emb_max_abs"] < 1e-4
