@@ -18,6 +18,7 @@ import numpy as np
 from ..csr import CsrBlock
 from ..errors import InputError
 from .base import CountMatrix
+from .chunks import read_range
 from .h5ad_elements import Frame, encoding, open_frame, reading
 
 CSC_CHUNK = 2**22  # entries read from the file at a time when transposing CSC
@@ -171,8 +172,8 @@ def _csr_blocks(
         indptr = indptr_ds[r0 : r1 + 1].astype(np.int64)
         lo, hi = int(indptr[0]), int(indptr[-1])
         indptr -= lo
-        indices = indices_ds[lo:hi].astype(np.int64)
-        data = data_ds[lo:hi].astype(np.float32, copy=False)
+        indices = read_range(indices_ds, lo, hi, np.int64)
+        data = read_range(data_ds, lo, hi, np.float32)
         _check_indices(indices, n_cols, g)
         if not _rows_sorted(indices, indptr):
             rows = np.repeat(np.arange(r1 - r0, dtype=np.int64), np.diff(indptr))

@@ -15,6 +15,7 @@ import numpy as np
 from ..csr import CsrBlock
 from ..errors import InputError
 from .base import CountMatrix
+from .chunks import read_range
 
 _PARTS = ("barcodes", "data", "indices", "indptr", "shape")
 _V3_FEATURES = ("id", "name", "feature_type")
@@ -78,8 +79,8 @@ class TenxMatrix(CountMatrix):
             if np.any(indptr[1:] < indptr[:-1]):
                 raise InputError(f"{self.path}: {self.matrix}/indptr decreases in cells {lo}-{hi}")
             indptr -= a
-            data = _read(self._data, a, b, np.float32)
-            indices = _read(self._indices, a, b, np.int64)
+            data = read_range(self._data, a, b, np.float32)
+            indices = read_range(self._indices, a, b, np.int64)
             if len(indices) and (indices.min() < 0 or indices.max() >= self._n_features):
                 raise InputError(
                     f"{self.path}: {self.matrix}/indices holds a feature outside "
@@ -123,14 +124,6 @@ def _sort_rows(
         return data, indices, indptr
     starts = np.flatnonzero(first)
     return np.add.reduceat(data, starts), indices[starts], _compact(indptr, first)
-
-
-def _read(ds: h5py.Dataset, a: int, b: int, dtype: type) -> np.ndarray:
-    """ds[a:b] as `dtype`, converted by HDF5 while reading (faster than numpy's astype after)."""
-    out = np.empty(b - a, dtype=dtype)
-    if b > a:
-        ds.read_direct(out, np.s_[a:b])
-    return out
 
 
 def _compact(indptr: np.ndarray, kept: np.ndarray) -> np.ndarray:
