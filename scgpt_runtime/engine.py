@@ -28,7 +28,7 @@ import numpy as np
 
 from . import reference as reference_files
 from .bundle import CELL_EMB, CELL_EMB_NORMALIZED, CLASS_PROBS, Bundle
-from .errors import BundleError
+from .errors import BundleError, GeneMatchError
 from .genes import MIN_GENE_FRACTION, GeneMatch, match_genes
 from .io import open_counts
 from .io.arrays import ArrayCounts
@@ -255,6 +255,11 @@ def run(
         if progress:
             rate = done / max(time.perf_counter() - t0, 1e-9)
             progress(tokens.n_cells, n, f"{rate:,.0f} cells/s")
+    if n and not result.n_genes.any():
+        raise GeneMatchError(
+            f"{counts.path}: none of its {n} cells has a non-zero count of a gene of the model "
+            "vocabulary: there is nothing to embed or annotate"
+        )
     return result
 
 

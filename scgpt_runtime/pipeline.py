@@ -214,8 +214,8 @@ def serve(
             )
     if summary["n_empty"]:
         log.warning(
-            "%s: %d of %d cells have no gene in the model vocabulary: their results come from "
-            "<cls> alone (n_genes 0)",
+            "%s: %d of %d cells have no gene in the model vocabulary (n_genes 0): annotate calls "
+            "them Unknown with conf_score 0; their embedding is that of <cls> alone",
             file,
             summary["n_empty"],
             summary["n_cells"],

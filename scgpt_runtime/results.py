@@ -54,9 +54,12 @@ class Result:
 
     def decide(self, unknown_below: float = 0.0, too_far: np.ndarray | None = None) -> None:
         """Set `codes`: the most probable class, -1 (Unknown) where its probability (or vote
-        share) is below `unknown_below`, where `too_far` (n,) bool, or where nothing voted."""
-        probs = self.class_probs
+        share) is below `unknown_below`, where `too_far` (n,) bool, or where nothing voted.
+        A cell without any gene of the vocabulary (n_genes 0) is Unknown with probabilities
+        0: its result would be <cls> alone, the same for every such cell."""
         self._labels()
+        self.class_probs[self.n_genes == 0] = 0.0
+        probs = self.class_probs
         codes = probs.argmax(1)
         unknown = (probs.max(1) < unknown_below) | (probs.sum(1) == 0)
         if too_far is not None:

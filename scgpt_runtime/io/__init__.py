@@ -7,7 +7,7 @@ from pathlib import Path
 import h5py
 
 from ..errors import InputError
-from .base import CountMatrix
+from .base import CountMatrix, damaged
 
 __all__ = ["CountMatrix", "open_counts"]
 
@@ -27,7 +27,8 @@ def open_counts(
     path = Path(path)
     h5 = _open_hdf5(path)
     try:
-        counts = _reader(path, h5, layer, use_raw, genome)
+        with damaged(path, "its layout"):
+            counts = _reader(path, h5, layer, use_raw, genome)
     except BaseException:
         h5.close()
         raise

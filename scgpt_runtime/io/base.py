@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import h5py
@@ -10,6 +11,22 @@ import numpy as np
 
 from ..csr import CsrBlock
 from ..errors import InputError
+
+# What h5py and HDF5 raise for a damaged or malformed file, depending on where the damage is.
+HDF5_ERRORS = (OSError, RuntimeError, KeyError, ValueError, TypeError, IndexError)
+
+
+@contextmanager
+def damaged(path: Path, what: str) -> Iterator[None]:
+    """Turn HDF5's errors for a damaged file, wherever they arise, into one InputError that
+    names the file and what was being read."""
+    try:
+        yield
+    except InputError:
+        raise
+    except HDF5_ERRORS as e:
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(f"{path}: damaged or malformed file: cannot read {what} ({detail})") from e
 
 
 class CountMatrix:
@@ -46,12 +63,10 @@ class CountMatrix:
     ) -> Iterator[CsrBlock]:
         """Rows [start, stop) in blocks of at most `block_size` rows, float32 values, checked."""
         stop = self.n_cells if stop is None else min(stop, self.n_cells)
-        try:
+        with damaged(self.path, self.matrix):
             for block in self._blocks(block_size, start, stop):
                 _check_values(block, self.path, self.matrix)
                 yield block
-        except (OSError, KeyError, ValueError) as e:  # h5py's words for a damaged file
-            raise InputError(f"{self.path}: cannot read {self.matrix}: {e}") from e
 
     def close(self) -> None:
         self.h5.close()

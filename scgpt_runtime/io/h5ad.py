@@ -17,7 +17,7 @@ import numpy as np
 
 from ..csr import CsrBlock
 from ..errors import InputError
-from .base import CountMatrix
+from .base import CountMatrix, damaged
 from .chunks import read_range
 from .h5ad_elements import Frame, encoding, open_frame, reading
 
@@ -75,7 +75,8 @@ class H5adMatrix(CountMatrix):
             available = ", ".join(self.obs_columns) or "none"
             raise InputError(f"{self.path}: has no obs column {name!r} (available: {available})")
         assert self._obs is not None
-        return self._obs.read(name)
+        with damaged(self.path, f"obs/{name}"):
+            return self._obs.read(name)
 
     def _blocks(self, block_size: int, start: int, stop: int) -> Iterator[CsrBlock]:
         if self._layout == "dense":

@@ -207,13 +207,20 @@ def test_in_memory_input_errors(fp32):
         fp32.embed(np.ones((2, 3)))
 
 
-def test_cells_without_a_known_gene_get_cls_only_results(fp32):
+def test_cells_without_a_known_gene_get_no_label(fp32):
+    """A cell none of whose genes is in the vocabulary is Unknown with confidence 0 (its model
+    input would be <cls> alone, the same for every such cell); a matrix of only such cells is
+    a gene match error."""
     genes = ["CD3E", "not-a-gene", "LYZ"]
     x = np.array([[0, 5, 0], [3, 0, 1]], dtype=np.float32)  # cell 0: only an unknown gene
     ann = fp32.annotate(x, genes=genes, min_gene_fraction=0)
     assert ann.n_genes.tolist() == [0, 2]
     assert np.isfinite(ann.embedding).all()
-    assert np.isfinite(ann.class_probs).all()
+    assert ann.predicted_labels[0] == "Unknown"
+    assert ann.conf_score[0] == 0
+    assert ann.predicted_labels[1] != "Unknown"
+    with pytest.raises(GeneMatchError, match="none of its 2 cells has a non-zero count"):
+        fp32.annotate(np.array([[5.0], [1.0]]), genes=["not-a-gene"], min_gene_fraction=0)
 
 
 def test_gene_panel_restricts_the_genes_used(served_bundle, fp32, kang, tmp_path):
