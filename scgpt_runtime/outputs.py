@@ -29,7 +29,8 @@ import h5py
 import numpy as np
 
 from .errors import InputError, OutputError
-from .io.write import add_to_h5ad, atomic_path, write_new_h5ad
+from .io import open_counts
+from .io.write import add_to_h5ad, atomic_path, extensible, write_new_h5ad
 from .results import Result
 
 SUFFIXES = {"annotate": (".csv", ".tsv", ".h5ad"), "embed": (".npy", ".h5ad", ".csv", ".tsv")}
@@ -188,17 +189,21 @@ def _write_h5ad(
     source = Path(settings["input"])
     obsm = {EMBEDDING_KEY: result.embedding}
     uns = {UNS_KEY: _uns(settings)}
-    if settings["input_format"] == "h5ad":
-        if not source.is_file():
-            raise InputError(f"{source}: the input file is gone; its .h5ad output copies it")
+    if not source.is_file():
+        raise InputError(f"{source}: the input file is gone; its .h5ad output copies it")
+    if inplace or (settings["input_format"] == "h5ad" and extensible(source)):
         return add_to_h5ad(
             source, None if inplace else out, obs=obs, obsm=obsm, uns=uns, overwrite=True
         )
-    if inplace:
-        raise OutputError(f"{source}: is a {settings['input_format']} file; --inplace needs .h5ad")
-    return write_new_h5ad(
-        out, obs_names=result.obs_names, obs=obs, obsm=obsm, uns=uns, overwrite=True
-    )
+    # A 10x file or a legacy anndata file: a new, modern .h5ad of its cells and the results.
+    options = settings["options"]
+    with open_counts(
+        source,
+        layer=options.get("layer"),
+        use_raw=options.get("use_raw", True),
+        genome=options.get("genome"),
+    ) as counts:
+        return write_new_h5ad(out, counts, obs=obs, obsm=obsm, uns=uns, overwrite=True)
 
 
 def _uns(settings: dict[str, Any]) -> dict[str, Any]:

@@ -20,6 +20,7 @@ import h5py
 import numpy as np
 
 from ..errors import InputError, OutputError
+from .base import CountMatrix
 
 __all__ = ["add_to_h5ad", "atomic_path", "write_new_h5ad"]
 
@@ -57,32 +58,66 @@ def add_to_h5ad(
 
 def write_new_h5ad(
     dst: Path,
+    counts: CountMatrix,
     *,
-    obs_names: np.ndarray,
-    var_names: np.ndarray | None = None,
     obs: Mapping[str, np.ndarray] | None = None,
     obsm: Mapping[str, np.ndarray] | None = None,
     uns: Mapping[str, object] | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """A new .h5ad without X (results for a 10x input): obs, var names, obsm and uns only."""
+    """A new .h5ad of the cells of `counts` (any input: a 10x file, a legacy anndata 0.6 file):
+    X (CSR, float32, streamed in blocks), var (the gene columns; for 10x files the symbols as
+    the index and the ids as gene_ids, as scanpy reads them), obs (the input's columns, then
+    `obs`), obsm and uns. What scanpy opens as an annotated copy of the input."""
     dst = Path(dst)
     obs, obsm, uns = dict(obs or {}), dict(obsm or {}), dict(uns or {})
-    var_names = np.array([], dtype=str) if var_names is None else var_names
     _check_target(dst, None, overwrite)
-    _check_sizes(len(obs_names), obs, obsm)
+    _check_sizes(counts.n_cells, obs, obsm)
     _check_obs_names(dst, obs, "_index")
+    index_key, var = _var_columns(counts)
     with atomic_path(dst) as tmp, h5py.File(tmp, "w") as h5:
         _set_encoding(h5, "anndata", "0.1.0")
-        _write_dataframe(h5, "obs", obs_names)
+        _write_csr(h5, counts)
+        _write_dataframe(h5, "obs", counts.obs_names)
+        for name in counts.obs_columns:
+            if name not in obs:
+                _set_obs_column(h5["obs"], name, counts.read_obs(name), "0.2.0")
         for name, values in obs.items():
             _set_obs_column(h5["obs"], name, values, "0.2.0")
-        _write_dataframe(h5, "var", var_names)
+        _write_dataframe(h5, "var", var.pop(index_key))
+        for name, values in var.items():
+            _set_obs_column(h5["var"], name, values, "0.2.0")
         for key in ("obsm", "uns", "layers", "obsp", "varm", "varp"):
             _write_dict(h5, key, {})
         _write_entries(h5["obsm"], obsm)
         _write_entries(h5["uns"], uns)
     return dst
+
+
+def _var_columns(counts: CountMatrix) -> tuple[str, dict[str, np.ndarray]]:
+    """The gene table of `counts` and its index column ("index"; 10x: the symbols)."""
+    var = {k: np.asarray(v) for k, v in counts.var.items()}
+    if "index" in var:
+        return "index", var
+    renamed = {"name": "index", "id": "gene_ids", "feature_type": "feature_types"}
+    return "index", {renamed.get(k, k): v for k, v in var.items()}
+
+
+def _write_csr(h5: h5py.File, counts: CountMatrix) -> None:
+    """X as anndata's csr_matrix (encoding 0.1.0), appended block by block."""
+    x = h5.create_group("X")
+    _set_encoding(x, "csr_matrix", "0.1.0")
+    x.attrs["shape"] = np.array([counts.n_cells, counts.n_genes], dtype=np.int64)
+    data = x.create_dataset("data", (0,), np.float32, maxshape=(None,), chunks=(1 << 16,))
+    indices = x.create_dataset("indices", (0,), np.int32, maxshape=(None,), chunks=(1 << 16,))
+    indptr = [np.zeros(1, dtype=np.int64)]
+    for block in counts.iter_blocks():
+        n, add = len(data), block.nnz
+        data.resize((n + add,))
+        indices.resize((n + add,))
+        data[n:], indices[n:] = block.data, block.indices
+        indptr.append(n + block.indptr[1:].astype(np.int64))
+    x.create_dataset("indptr", data=np.concatenate(indptr))
 
 
 # Destination checks and the atomic write
@@ -148,6 +183,13 @@ def _fsync(path: Path) -> None:
 # What the source file looks like
 
 
+def extensible(src: Path) -> bool:
+    """Whether obs columns can be added to the .h5ad `src` (not a legacy anndata 0.6 file,
+    whose obs is a compound dataset)."""
+    with h5py.File(src, "r") as h5:
+        return isinstance(h5.get("obs"), h5py.Group)
+
+
 def _obs_layout(src: Path) -> tuple[str, int, str]:
     """(dataframe encoding version, n_obs, index key) of the obs dataframe of `src`."""
     try:
@@ -159,7 +201,7 @@ def _obs_layout(src: Path) -> tuple[str, int, str]:
         if isinstance(obs, h5py.Dataset):
             raise OutputError(
                 f"{src}: is a legacy anndata 0.6 file (obs is a compound dataset), which cannot be "
-                "extended in place; write the results to a .csv output instead"
+                "extended in place; write the results to a new .h5ad or .csv output instead"
             )
         if not isinstance(obs, h5py.Group):
             raise OutputError(f"{src}: has no obs dataframe to add columns to")

@@ -14,7 +14,8 @@ import pytest
 import scipy.sparse as sp
 
 from scgpt_runtime.errors import OutputError
-from scgpt_runtime.io import write
+from scgpt_runtime.io import open_counts, write
+from scgpt_runtime.io.arrays import ArrayCounts
 from scgpt_runtime.io.write import add_to_h5ad, write_new_h5ad
 
 # Reading the anndata 0.6-0.7 files warns about their own old elements, as expected.
@@ -225,7 +226,9 @@ def test_legacy_06_file_is_refused(shared_data: Path, tmp_path: Path):
     src = tmp_path / "legacy.h5ad"
     shutil.copyfile(shared_data / "formats/h5ad/kang2018_scgen_valid_legacy06.h5ad", src)
     before = src.read_bytes()
-    with pytest.raises(OutputError, match=r"legacy anndata 0\.6 file .* to a \.csv output instead"):
+    with pytest.raises(
+        OutputError, match=r"legacy anndata 0\.6 file .* new \.h5ad or \.csv output"
+    ):
         add_to_h5ad(src, obs={"x": np.zeros(1975)})
     assert src.read_bytes() == before
 
@@ -317,26 +320,56 @@ def test_caller_bugs_raise_value_error(csr_file: Path):
         add_to_h5ad(csr_file, obs={"_index": np.ones(30)})
 
 
-# New files for 10x inputs
+# New files for 10x and legacy inputs
 
 
-def test_write_new_h5ad(tmp_path: Path):
+def test_write_new_h5ad_from_an_in_memory_matrix(tmp_path: Path):
     obs, obsm, uns = results(6)
-    names = np.array([f"AAAC-{i}" for i in range(6)])
-    genes = np.array(["CD3E", "MS4A1", "NKG7"])
-    dst = write_new_h5ad(
-        tmp_path / "new.h5ad", obs_names=names, var_names=genes, obs=obs, obsm=obsm, uns=uns
-    )
+    names = [f"AAAC-{i}" for i in range(6)]
+    genes = ["CD3E", "MS4A1", "NKG7"]
+    x = np.array([[1, 0, 2], [0, 0, 0], [3, 1, 0], [0, 4, 0], [5, 0, 0], [0, 0, 6]], np.float32)
+    with ArrayCounts(x, genes, names) as counts:
+        dst = write_new_h5ad(tmp_path / "new.h5ad", counts, obs=obs, obsm=obsm, uns=uns)
+        adata = ad.read_h5ad(dst)
+        np.testing.assert_array_equal(adata.X.toarray(), x)
+        assert adata.obs_names.tolist() == names
+        assert adata.var_names.tolist() == genes
+        assert list(adata.obs.columns) == list(obs)
+        assert_results(adata, 6)
+        assert oct(dst.stat().st_mode & 0o777) != oct(0o600)  # not mkstemp's owner-only mode
+        with pytest.raises(OutputError, match="exists; pass --overwrite"):
+            write_new_h5ad(dst, counts)
+
+
+def test_a_10x_file_becomes_an_annotated_h5ad_with_its_counts(liao_small, tmp_path: Path):
+    """X, the symbols as var names and the ids as gene_ids: what scanpy reads from the .h5."""
+    obs, obsm, uns = results(200)
+    with open_counts(liao_small) as counts:
+        dst = write_new_h5ad(tmp_path / "liao.h5ad", counts, obs=obs, obsm=obsm, uns=uns)
+        want = sp.vstack(
+            [
+                sp.csr_matrix((b.data, b.indices, b.indptr), shape=(b.n_rows, b.n_cols))
+                for b in counts.iter_blocks(64)
+            ]
+        )
+        names, ids = counts.var["name"], counts.var["id"]
     adata = ad.read_h5ad(dst)
-    assert adata.X is None
-    assert adata.shape == (6, 3)
-    assert adata.obs_names.tolist() == names.tolist()
-    assert adata.var_names.tolist() == genes.tolist()
-    assert list(adata.obs.columns) == list(obs)
-    assert_results(adata, 6)
-    assert oct(dst.stat().st_mode & 0o777) != oct(0o600)  # not mkstemp's owner-only mode
-    with pytest.raises(OutputError, match="exists; pass --overwrite"):
-        write_new_h5ad(dst, obs_names=names)
-    empty = ad.read_h5ad(write_new_h5ad(dst, obs_names=names, overwrite=True))
-    assert empty.shape == (6, 0)
-    assert empty.obs.columns.empty
+    assert (want != adata.X).nnz == 0
+    assert adata.var_names.tolist() == names.tolist()
+    assert adata.var["gene_ids"].tolist() == ids.tolist()
+    assert_results(adata, 200)
+
+
+def test_a_legacy_06_file_becomes_a_modern_h5ad(shared_data: Path, tmp_path: Path):
+    """Its obs columns and its counts, then the results; the input stays as it was."""
+    src = shared_data / "formats/h5ad/kang2018_scgen_valid_legacy06.h5ad"
+    before = src.read_bytes()
+    obs, obsm, uns = results(1975)
+    with open_counts(src) as counts:
+        dst = write_new_h5ad(tmp_path / "new.h5ad", counts, obs=obs, obsm=obsm, uns=uns)
+        conditions = counts.read_obs("condition")
+    adata = ad.read_h5ad(dst)
+    assert adata.obs["condition"].astype(str).tolist() == list(conditions)
+    assert list(adata.obs.columns)[-len(obs) :] == list(obs)
+    assert adata.X.shape == (1975, adata.n_vars)
+    assert src.read_bytes() == before
