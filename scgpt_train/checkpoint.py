@@ -28,7 +28,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from scgpt_runtime.errors import InputError
+from scgpt_runtime.errors import InputError, OutputError
 from scgpt_runtime.io.write import atomic_path
 from scgpt_runtime.tokens import TokenConfig
 from scgpt_runtime.vocab import Vocab
@@ -64,6 +64,23 @@ class RunInfo:
             "provenance": self.provenance,
             "calibration": self.calibration,
         }
+
+
+def new_run_dir(run_dir: str | Path, overwrite: bool = False) -> Path:
+    """`run_dir`, made for a new run: an existing non-empty folder is refused (OutputError)
+    unless `overwrite`, and then only a run directory is emptied, never another folder."""
+    run_dir = Path(run_dir)
+    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+        if not overwrite:
+            raise OutputError(
+                f"{run_dir}: exists; pass --overwrite to replace that run (or --resume to "
+                "continue a pretraining)"
+            )
+        if not (run_dir / "config.json").is_file():
+            raise OutputError(f"{run_dir}: is not a run directory; refusing to replace it")
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
 
 
 def save_run(run_dir: str | Path, model: ScGPT, info: RunInfo) -> Path:

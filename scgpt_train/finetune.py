@@ -15,7 +15,6 @@ import copy
 import logging
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,7 +25,7 @@ from scgpt_runtime.errors import InputError
 
 from .calibration import calibrate
 from .cells import MISSING, class_names, codes_of, load_cells, minibatches, stratified_split
-from .checkpoint import MetricsLog, RunInfo, save_run, write_json
+from .checkpoint import MetricsLog, RunInfo, new_run_dir, save_run, write_json
 from .distributed import resolve_device
 from .inference import batch_inputs, codes_tensor, predict
 from .metrics import accuracy, macro_f1
@@ -77,6 +76,7 @@ class AnnotateConfig:
     patience: int = 3  # epochs without a better validation macro-F1 before stopping
     seed: int = 0
     device: str = "auto"
+    overwrite: bool = False  # replace an existing run at `out`
 
     def __post_init__(self) -> None:
         check_start(self)
@@ -105,6 +105,7 @@ def finetune_annotate(cfg: AnnotateConfig) -> dict[str, Any]:
     also written to RUN/summary.json."""
     t0 = time.perf_counter()
     device = resolve_device(cfg.device)
+    out = new_run_dir(cfg.out, cfg.overwrite)  # refused before any work where it exists
     start = start_from(
         cfg.from_run, cfg.preset, cfg.model, cfg.tokens, cfg.data, cfg.gene_column, cfg.seed
     )
@@ -145,8 +146,6 @@ def finetune_annotate(cfg: AnnotateConfig) -> dict[str, Any]:
         weight = torch.tensor(w, dtype=torch.float32, device=device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     metrics = MetricsLog(out)
     best: dict[str, Any] = {"val_macro_f1": -1.0, "epoch": 0}
     best_state = copy.deepcopy(model.state_dict())

@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,7 +24,7 @@ import torch
 from scgpt_runtime.errors import InputError
 
 from .cells import MISSING, codes_of, load_cells, minibatches
-from .checkpoint import MetricsLog, RunInfo, save_run, write_json
+from .checkpoint import MetricsLog, RunInfo, new_run_dir, save_run, write_json
 from .distributed import resolve_device
 from .inference import batch_inputs, codes_tensor
 from .model import ScGPT
@@ -63,6 +62,7 @@ class IntegrateConfig:
     batch_tokens: bool = True
     seed: int = 0
     device: str = "auto"
+    overwrite: bool = False  # replace an existing run at `out`
 
     def __post_init__(self) -> None:
         check_start(self)
@@ -118,6 +118,7 @@ def finetune_integrate(cfg: IntegrateConfig) -> dict[str, Any]:
     """Fine-tune for batch integration; returns the summary also written to RUN/summary.json."""
     t0 = time.perf_counter()
     device = resolve_device(cfg.device)
+    out = new_run_dir(cfg.out, cfg.overwrite)  # refused before any work where it exists
     start = start_from(
         cfg.from_run, cfg.preset, cfg.model, cfg.tokens, cfg.data, cfg.gene_column, cfg.seed
     )
@@ -150,8 +151,6 @@ def finetune_integrate(cfg: IntegrateConfig) -> dict[str, Any]:
     model, report = build_model(start, heads, labels, batch_names, cfg.seed)
     model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     step, last = 0, {}
     with MetricsLog(out) as metrics:
         for epoch in range(1, cfg.epochs + 1):

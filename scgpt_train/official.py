@@ -27,7 +27,7 @@ from scgpt_runtime.errors import InputError
 from scgpt_runtime.tokens import TokenConfig
 from scgpt_runtime.vocab import Vocab
 
-from .checkpoint import RunInfo, save_run, sha256_file
+from .checkpoint import RunInfo, new_run_dir, save_run, sha256_file
 from .model import ModelConfig, ScGPT
 
 CHECKPOINT_FILE, ARGS_FILE, VOCAB_FILE = "best_model.pt", "args.json", "vocab.json"
@@ -266,8 +266,10 @@ def load_official_folder(folder: str | Path, **overrides: Any) -> OfficialModel:
     return OfficialModel(model.eval(), vocab, tokens_from_args(args), report)
 
 
-def import_scgpt(folder: str | Path, out: str | Path) -> ImportReport:
-    """Turn an official model folder into a run directory that fine-tuning and export accept."""
+def import_scgpt(folder: str | Path, out: str | Path, overwrite: bool = False) -> ImportReport:
+    """Turn an official model folder into a run directory that fine-tuning and export accept;
+    an existing run at `out` is replaced only with `overwrite`."""
+    new_run_dir(out, overwrite)
     official = load_official_folder(folder)
     checkpoint = Path(folder) / CHECKPOINT_FILE
     provenance = {

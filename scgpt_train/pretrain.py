@@ -10,11 +10,12 @@ seeded by (seed, step, rank), so a resumed run repeats an uninterrupted one exac
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from scgpt_runtime.errors import InputError
 from scgpt_runtime.tokens import TokenBlock, TokenConfig
 from scgpt_runtime.vocab import Vocab
 
@@ -33,6 +35,8 @@ from .checkpoint import (
     command_line,
     created,
     load_checkpoint,
+    new_run_dir,
+    read_json,
     save_checkpoint,
     save_run,
     write_json,
@@ -72,6 +76,7 @@ class PretrainConfig:
     log_every: int = 10
     device: str = "auto"
     resume: bool = False
+    overwrite: bool = False  # replace an existing run at `out`
 
     def __post_init__(self) -> None:
         if not self.data:
@@ -216,9 +221,16 @@ def pretrain(cfg: PretrainConfig, progress: Callable[..., None] | None = None) -
     if cfg.resume:
         state = load_checkpoint(out, model, optimizer)
         if state is None:
-            raise ValueError(f"--resume: {out} holds no checkpoint")
+            raise InputError(f"{out}: holds no checkpoint to --resume from")
         step, position = state["step"], Position(**state["position"])
+        if step >= cfg.max_steps:
+            log.info("%s is complete (step %d of %d): nothing to resume", out, step, cfg.max_steps)
+            distributed.teardown(d)
+            summary = out / "summary.json"
+            return read_json(summary, what="run") if summary.exists() else {"step": step}
         log.info("resuming %s at step %d", out, step)
+    elif d.main:
+        new_run_dir(out, cfg.overwrite)
     info = RunInfo(model_cfg, tok_cfg, vocab, train=asdict(cfg), provenance=provenance(paths))
     if d.main:
         save_run(out, model, info)
@@ -370,6 +382,31 @@ def evaluate(
         count += float(n)
     model.train()
     return total / max(count, 1.0)
+
+
+def resumed_config(out: str | Path, given: dict[str, Any]) -> tuple[PretrainConfig, list[str]]:
+    """The settings a run at `out` was started with (its data, vocabulary, schedule), to
+    continue it exactly, and the options in `given` that differ from them (not used; the device
+    may change)."""
+    saved = read_json(Path(out) / "config.json", what="run directory").get("train")
+    if not isinstance(saved, dict):
+        raise InputError(f"{out}: its config.json holds no pretraining settings to --resume")
+    known = {f.name for f in fields(PretrainConfig)}
+    saved = {k: v for k, v in saved.items() if k in known}
+    cfg = PretrainConfig(**{**saved, "resume": True, "device": given.get("device", "auto")})
+    ignored = ("resume", "device", "out", "overwrite")
+
+    def same(a: Any, b: Any) -> bool:
+        return json.dumps(a, sort_keys=True, default=list) == json.dumps(
+            b, sort_keys=True, default=list
+        )
+
+    differ = [
+        f"--{k.replace('_', '-')} (given {v!r}, run {saved.get(k)!r})"
+        for k, v in given.items()
+        if k not in ignored and not same(v, saved.get(k))
+    ]
+    return cfg, differ
 
 
 def load_vocab(given: str | None, paths: list[Path], gene_column: str | None) -> Vocab:

@@ -63,6 +63,8 @@ def check_start(cfg: Any) -> None:
     if cfg.from_run is not None and cfg.tokens:
         raise ValueError("token settings apply to --from-scratch: a run keeps its TokenConfig")
     parse_where(cfg.where)
+    if cfg.from_run is not None and Path(cfg.out).resolve() == Path(cfg.from_run).resolve():
+        raise ValueError("--out is the --from run: a fine-tuning writes a new run directory")
 
 
 def start_from(

@@ -128,6 +128,7 @@ def start_options(cls: type) -> Callable:
         ),
         option(cls, "seed", type=int),
         option(cls, "device", help="auto, cpu, cuda or cuda:N"),
+        click.option("--overwrite", is_flag=True, help="Replace an existing run at --out."),
         click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON."),
     ]
 

@@ -4,17 +4,21 @@ checkpoint."""
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 import click
+from click.core import ParameterSource
 
 from scgpt_runtime.cli.common import progress_bar
 
 from ..model import PRESETS
 from ..official import import_scgpt as run_import
-from ..pretrain import PretrainConfig
+from ..pretrain import PretrainConfig, resumed_config
 from ..pretrain import pretrain as run_pretrain
 from .common import expand_data, load_config_file, merged_config, option
+
+log = logging.getLogger("scgpt_train")
 
 
 @click.command(
@@ -68,7 +72,13 @@ Examples:
 @option(PretrainConfig, "checkpoint_every", type=int)
 @option(PretrainConfig, "seed", type=int)
 @option(PretrainConfig, "device", help="auto, cpu, cuda or cuda:N")
-@click.option("--resume", is_flag=True, help="Continue from the run's latest checkpoint.")
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Continue RUN from its latest checkpoint, with the data and settings it was started "
+    "with (given options that differ are named, not used).",
+)
+@click.option("--overwrite", is_flag=True, help="Replace an existing run at --out.")
 @click.option("--json", "as_json", is_flag=True, help="Print the final metrics as JSON.")
 @click.pass_context
 def pretrain(
@@ -86,9 +96,24 @@ def pretrain(
     metrics.jsonl and resumable checkpoints. Under torchrun each process trains on its slice of
     every global batch (DistributedDataParallel).
     """
-    cfg = merged_config(
-        PretrainConfig, ctx, load_config_file(config_file), data=expand_data(data), **options
-    )
+    file_config = load_config_file(config_file)
+    if options["resume"]:
+        given = {
+            k: v
+            for k, v in options.items()
+            if ctx.get_parameter_source(k) != ParameterSource.DEFAULT
+        }
+        given |= file_config | {"data": expand_data(data)}
+        cfg, differ = resumed_config(options["out"], given)
+        if differ:
+            log.warning(
+                "--resume continues %s with the settings it was started with; these "
+                "given options differ and are not used: %s",
+                cfg.out,
+                ", ".join(differ),
+            )
+    else:
+        cfg = merged_config(PretrainConfig, ctx, file_config, data=expand_data(data), **options)
     with progress_bar("Pretraining") as progress:
         result = run_pretrain(cfg, progress)
     if as_json:
@@ -104,8 +129,9 @@ Examples:
 )
 @click.argument("folder", type=click.Path(exists=True, file_okay=False))
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing run at --out.")
 @click.option("--json", "as_json", is_flag=True, help="Print the import report as JSON.")
-def import_scgpt(folder: str, out: str, as_json: bool) -> None:
+def import_scgpt(folder: str, out: str, overwrite: bool, as_json: bool) -> None:
     """Import an official scGPT model folder (best_model.pt, args.json, vocab.json).
 
     Accepts the released flash-attention names (Wqkv), torch's in_proj names, the newer
@@ -113,7 +139,7 @@ def import_scgpt(folder: str, out: str, as_json: bool) -> None:
     Tensors that do not fit are reported, never dropped silently. The pickle is loaded with
     weights_only=True: a file that would run code is refused.
     """
-    report = run_import(folder, out)
+    report = run_import(folder, out, overwrite)
     if as_json:
         click.echo(json.dumps(report.to_dict()))
     else:

@@ -92,6 +92,14 @@ def test_short_finetune_on_real_data_beats_the_majority_rate(shared_data, tmp_pa
     assert info.calibration["temperature"] > 0
 
 
+def test_a_finetune_never_writes_into_its_start_run(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="--out is the --from run"):
+        AnnotateConfig(data=["x.h5ad"], label_key="y", out=str(run), from_run=str(run))
+
+
 def test_missing_labels_are_left_out_of_the_loss(tmp_path):
     logits = torch.randn(6, 3)
     labels = torch.tensor([0, MISSING, 2, MISSING, 1, 1])

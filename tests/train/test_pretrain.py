@@ -161,6 +161,46 @@ def test_cli_pretrain_json_and_bad_inputs(shared_data, tmp_path):
     assert "unknown fields in --config: nope" in bad.stderr
 
 
+def test_an_existing_run_is_kept_and_resume_takes_its_settings(shared_data, tmp_path):
+    """A second pretraining into RUN is refused (exit 6) unless --overwrite; --resume in the
+    README's form (other data, other options) continues with what RUN was started with, says
+    which given options differ, and keeps one metrics row per step."""
+    run = tmp_path / "run"
+    base = [
+        "pretrain",
+        "--data",
+        str(shared_data / KANG),
+        "--out",
+        str(run),
+        "--batch-size",
+        "8",
+        "--checkpoint-every",
+        "2",
+        "--eval-every",
+        "100",
+        "--config",
+        _write(tmp_path, {"tokens": {"max_seq_len": 32}, "log_every": 1}),
+    ]
+    first = CliRunner().invoke(cli, [*base, "--max-steps", "2"])
+    assert first.exit_code == 0, first.output
+    again = CliRunner().invoke(cli, [*base, "--max-steps", "3"])
+    assert again.exit_code == 6
+    assert "exists; pass --overwrite to replace that run" in again.stderr
+    liao = shared_data / "unlabelled/liao2020_balf_GSM4339772_C144_filtered_feature_bc_matrix.h5"
+    resume = ["pretrain", "--data", str(liao), "--out", str(run), "--resume", "--lr", "0.5"]
+    resumed = CliRunner().invoke(cli, resume)
+    assert resumed.exit_code == 0, resumed.output
+    assert "these given options differ and are not used: --lr (given 0.5, run 0.0001)" in (
+        resumed.stderr
+    )
+    assert "--data (given" in resumed.stderr
+    steps = [r["step"] for r in metrics(run)]
+    assert steps == sorted(set(steps))  # no row twice
+    replaced = CliRunner().invoke(cli, [*base, "--max-steps", "1", "--overwrite"])
+    assert replaced.exit_code == 0, replaced.output
+    assert [r["step"] for r in metrics(run)] == [1]
+
+
 def test_vocab_from_a_data_file(shared_data, tmp_path):
     # the Liao files (33,539 genes) trained on Kang's 6,998 genes: a small, PBMC-sized vocabulary
     liao = "unlabelled/liao2020_balf_GSM4339772_C144_filtered_feature_bc_matrix.h5"
