@@ -4,7 +4,9 @@ A cell runs at the shortest length of the ladder that holds its tokens, and a tr
 layer costs about L (8 d^2 + 4 d d_hid) + 4 L^2 d multiply-adds at length L: most cells are
 far shorter than max_seq_len, so a few well-placed shorter lengths save most of the work. One
 graph per precision serves every length (bundle format 2), so a length costs nothing on disk;
-MAX_LENGTHS bounds the validation time at export.
+MAX_LENGTHS bounds the validation time at export. Where no cells are known (an imported
+checkpoint without data) the ladder halves down from max_seq_len: every cell then runs at
+less than about twice its own length.
 """
 
 from __future__ import annotations
@@ -19,6 +21,14 @@ def layer_cost(length: np.ndarray, d_model: int, d_hid: int) -> np.ndarray:
     """Multiply-adds of one transformer layer for one cell at each length."""
     length = np.asarray(length, dtype=np.float64)
     return length * (8 * d_model**2 + 4 * d_model * d_hid) + 4 * length**2 * d_model
+
+
+def halving_ladder(max_seq_len: int, max_lengths: int = MAX_LENGTHS) -> list[int]:
+    """max_seq_len, then halves of it rounded up to STEP, at most `max_lengths` lengths."""
+    ladder = [max_seq_len]
+    while len(ladder) < max_lengths and ladder[-1] > 2 * STEP:
+        ladder.append(-(-ladder[-1] // 2 // STEP) * STEP)
+    return sorted(set(ladder))
 
 
 def choose_ladder(

@@ -28,7 +28,7 @@ from scgpt_runtime.session import PROVIDERS
 from scgpt_train.checkpoint import RunInfo, command_line, created, load_run
 from scgpt_train.model import MASK_BIAS
 
-from .ladder import choose_ladder
+from .ladder import choose_ladder, halving_ladder
 from .quantize import to_fp16, to_int8
 from .to_onnx import export_onnx, served_parameters
 from .validate import (
@@ -64,7 +64,7 @@ def export_run(
         max_lens: the lengths the graphs serve (tokens per cell, <cls> included), each
             validated; the longest becomes the bundle's max_seq_len. None: a ladder up to the
             run's max_seq_len chosen from the token counts of the validation file's cells
-            (ladder.py; the run's length alone where cells are synthetic).
+            (ladder.py; halving from the run's length where no cells are known).
         precisions: any of "fp32", "fp16", "int8"; one graph per precision serves every length.
             A precision whose graph misses its tolerance at a length is left out with a
             warning (and named in the summary); the export fails only where none is left.
@@ -195,7 +195,7 @@ def export_run(
 def _ladder(model: Any, info: RunInfo, source: Path | None) -> list[int]:
     """The lengths to serve, from the token counts of the validation file's cells."""
     if source is None:
-        return [info.tokens.max_seq_len]
+        return halving_ladder(info.tokens.max_seq_len)
     n_tokens = token_counts(source, info.vocab, info.tokens, info.train.get("gene_column"))
     cfg = info.model
     return choose_ladder(n_tokens, info.tokens.max_seq_len, cfg.d_model, cfg.d_hid)

@@ -1,21 +1,27 @@
-"""Benchmark `scgpt-run embed` against the same weights in PyTorch eager, side by side.
+"""The official scGPT embedding loop against `scgpt-run embed` on its defaults, side by side.
 
-1. Builds (once, cached in --workdir) a model of --preset with a 7-class cell-type head,
-   fine-tuned a few steps on Kang PBMC labels so that class probabilities have the margins of
-   a trained model, and exports it with scgpt_export (fp32 and int8, graphs of --lengths).
-2. On the first --cells cells of each Liao 10x file and --cells held-out Kang cells, each in
-   a fresh process (peak RSS from wait4): `scgpt-run embed` at fp32 and int8 (and fp32 with
-   the full-length graph alone, to show what length buckets give), and PyTorch eager: batches
-   of --batch-size cells in file order, each padded to its longest cell, inference mode, the
-   same tokens.
-3. Top-1 agreement of the int8 and fp32 graphs with PyTorch (`scgpt-run annotate`), and how
-   many classes PyTorch predicts (a PBMC head calls the lung lavage cells of Liao mostly one
-   class: agreement means more on the held-out PBMC cells).
-4. Achieved FLOP/s (matrix products and attention of the graph lengths actually run);
-   with --device cuda the fp16 graph on the CUDA provider against --peak-tflops.
+1. Builds (once, cached in --workdir) an official-layout checkpoint of --preset (whole-human:
+   d 512, 12 layers, 8 heads; best_model.pt, args.json, vocab.json): the model is briefly
+   fine-tuned on Kang PBMC labels so that its embeddings tell cells apart (int8 is validated on
+   something like trained weights), then saved without its head, as the official release is.
+2. As a user would: `scgpt-train import-scgpt CKPT --out RUN` and `scgpt-train export RUN --out
+   BUNDLE`, both on their defaults (no cells known: fp32, fp16, int8 at lengths halving from
+   1,200), and the old default export beside it (one fp32 graph at 1,200 tokens).
+3. On the first --cells cells of each --files file (.h5ad copies, read by both), each engine in
+   a fresh process, wall-clock seconds of the whole process and peak RSS:
+   - the official loop (scgpt.tasks.cell_emb.get_batch_cell_embeddings, written again here):
+     the matrix densified, batches of 64 cells in file order padded to their longest cell (at
+     most 1,200 tokens, 1,199 genes sampled at random beyond), random tie-breaking bins,
+     PyTorch eager fp32 under no_grad, <cls> output L2-normalised;
+   - `scgpt-run embed FILE --model BUNDLE --out X` with no other option (int8 on a CPU), and
+     with `--precision fp32`, and on the old one-graph bundle.
+4. Cosine agreement of the default (int8) embedding with the fp32 one, and of the official
+   loop's with fp32 (its random ties and sampling are the difference).
+5. With --grid: `scgpt-run embed` on the first file at each --batch-sizes x --thread-counts,
+   int8 and fp32: what the defaults were chosen from.
 
-Usage: python tools/bench_runtime.py [--preset whole-human] [--cells 100] [--threads 2]
-       [--workdir /tmp/bench_runtime] [--device cpu|cuda] [--json OUT]
+Usage: python tools/bench_runtime.py [--preset whole-human] [--cells 128] [--files C144,Kang]
+       [--grid] [--workdir /tmp/bench_runtime] [--json OUT]
 """
 
 from __future__ import annotations
@@ -33,127 +39,112 @@ import numpy as np
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 KANG = SHARED / "labelled" / "kang2018_pbmc_counts.h5ad"
-LIAO = sorted((SHARED / "unlabelled").glob("liao2020_*.h5"))
-N_HEAD_CELLS = 1000  # Kang cells the model is fine-tuned on; the rest are held out
+LIAO = {p.name.split("_")[3]: p for p in sorted((SHARED / "unlabelled").glob("liao2020_*.h5"))}
+N_HEAD_CELLS = 1000  # Kang cells the model is fine-tuned on; later ones are held out
+OFFICIAL_BATCH, OFFICIAL_MAX_LEN = 64, 1200  # get_batch_cell_embeddings defaults
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="whole-human")
-    p.add_argument("--lengths", default="64,128,256,512,1200", help="graph lengths to export")
-    p.add_argument("--cells", type=int, default=100, help="first cells of each Liao file")
-    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--train-steps", type=int, default=150, help="fine-tuning steps (cached)")
-    p.add_argument("--lr", type=float, default=3e-4, help="fine-tuning learning rate")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--peak-tflops", type=float, default=989.0, help="GPU fp16 dense peak")
+    p.add_argument("--cells", type=int, default=128, help="first cells of each file")
+    p.add_argument("--files", default="C144,Kang", help="of C144, C146, C149, Kang (held out)")
+    p.add_argument("--train-steps", type=int, default=60, help="fine-tuning steps (cached)")
+    p.add_argument("--grid", action="store_true", help="batch sizes x threads on the first file")
+    p.add_argument("--batch-sizes", default="1,4,16,64")
+    p.add_argument("--thread-counts", default="1,2")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/bench_runtime"))
     p.add_argument("--json", type=Path)
-    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)  # CKPT FILE OUT.npy
     args = p.parse_args()
     if args.worker:
-        return torch_worker(args)
+        return official_loop(*map(Path, args.worker))
     args.workdir.mkdir(parents=True, exist_ok=True)
-    lengths = sorted(int(x) for x in args.lengths.split(","))
-    precisions = ("fp16",) if args.device == "cuda" else ("fp32", "int8")
-    bundle = build(args.workdir, args.preset, lengths, precisions, args.train_steps, args.lr)
-    full_only = full_length_bundle(bundle, args.workdir, precisions[0])
-    rows = []
-    held_out = args.workdir / f"kang.{N_HEAD_CELLS}+{args.cells}.h5ad"
-    if not held_out.exists():  # PBMC cells the model never saw: 7 classes to agree on
-        import anndata as ad
-
-        ad.read_h5ad(KANG)[N_HEAD_CELLS : N_HEAD_CELLS + args.cells].copy().write_h5ad(held_out)
-    inputs = [
-        (
-            p.name.split("_")[2],
-            subset_10x(p, args.workdir / f"{p.stem}.{args.cells}.h5", args.cells),
+    ckpt = official_checkpoint(args.workdir / f"official-{args.preset}", args.preset, args)
+    bundle = import_and_export(ckpt, args.workdir)
+    old = one_graph_bundle(bundle, args.workdir)
+    rows, agreement = [], []
+    files = [input_file(name, args.cells, args.workdir) for name in args.files.split(",")]
+    for name, path in files:
+        off_npy = args.workdir / f"{name}.official.npy"
+        off = measure(
+            name, "official loop, PyTorch fp32", official_cmd(ckpt, path, off_npy), args.workdir
         )
-        for p in LIAO
-    ]
-    for name, subset in [*inputs, ("Kang held-out", held_out)]:
-        torch_row = measure_torch(args, subset, name)
-        torch_probs = torch_row.pop("class_probs")
-        # Agreement means something only where the model tells cells apart.
-        torch_row["classes_predicted"] = len(set(np.asarray(torch_probs).argmax(1).tolist()))
-        rows.append(torch_row)
-        for precision, b, label in [(p, bundle, p) for p in precisions] + [
-            (precisions[0], full_only, f"{precisions[0]}, {lengths[-1]} only")
-        ]:
-            row = measure_run(args, subset, b, precision, name, label)
-            if b is bundle:
-                row["top1_agreement"] = agreement(args, subset, b, precision, torch_probs)
-            row["speedup"] = round(row["cells_per_s"] / torch_row["cells_per_s"], 2)
+        rows.append(off)
+        engines = [
+            ("scgpt-run embed, defaults", bundle, []),
+            ("scgpt-run embed --precision fp32", bundle, ["--precision", "fp32"]),
+            ("scgpt-run embed, old default bundle", old, []),
+        ]
+        embeddings = {}
+        for label, b, extra in engines:
+            out = args.workdir / f"{name}.{len(embeddings)}.npy"
+            out.unlink(missing_ok=True)  # the command as a user types it: no --overwrite
+            row = measure(name, label, embed_cmd(path, b, out, extra), args.workdir)
+            row["vs_official"] = round(off["seconds"] / row["seconds"], 2)
             rows.append(row)
+            embeddings[label] = np.load(out)
+        fp32 = embeddings["scgpt-run embed --precision fp32"]
+        agreement.append(
+            {"file": name}
+            | cosines("default (int8) vs fp32", embeddings["scgpt-run embed, defaults"], fp32)
+            | cosines("official loop vs fp32", np.load(off_npy), fp32)
+        )
+    grid = run_grid(args, bundle, files[0]) if args.grid else []
     report = {
         "preset": args.preset,
-        "lengths": lengths,
-        "threads": args.threads,
-        "batch_size": args.batch_size,
         "cells_per_file": args.cells,
+        "bundle": describe_bundle(bundle),
         "rows": rows,
+        "agreement": agreement,
+        "grid": grid,
         "load_average": os.getloadavg()[0],
     }
     print(table(rows))
+    print(table(agreement))
+    if grid:
+        print(table(grid))
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
 
 
-# The model and its bundle
+# The checkpoint, its import and export
 
 
-def build(
-    workdir: Path,
-    preset: str,
-    lengths: list[int],
-    precisions: tuple[str, ...],
-    train_steps: int,
-    lr: float,
-) -> Path:
-    """Run and bundle of `preset` fine-tuned on Kang labels; cached in `workdir`."""
-    bundle = workdir / f"bundle-{preset}-{'-'.join(map(str, lengths))}-{'-'.join(precisions)}"
-    if bundle.is_dir():
-        return bundle
+def official_checkpoint(folder: Path, preset: str, args) -> Path:
+    """An official model folder of `preset`, its encoder fine-tuned on Kang labels; cached."""
+    if (folder / "best_model.pt").is_file():
+        return folder
     import torch
-    from scgpt_export import export_run
 
     from scgpt_runtime.genes import match_genes
     from scgpt_runtime.io import open_counts
     from scgpt_runtime.tokens import TokenConfig, tokenize
-    from scgpt_train.checkpoint import RunInfo, save_run
     from scgpt_train.data import build_vocab
     from scgpt_train.model import ModelConfig, ScGPT
 
-    vocab = build_vocab([KANG, *LIAO])
-    tokens = TokenConfig(max_seq_len=lengths[-1])
+    vocab = build_vocab([KANG, *LIAO.values()])
     with open_counts(KANG) as counts:
         match = match_genes(counts.var, vocab)
         block = next(counts.iter_blocks(N_HEAD_CELLS, 0, N_HEAD_CELLS))
         labels = counts.read_obs("cell_type")[:N_HEAD_CELLS]
     names = sorted(set(labels))
     cfg = ModelConfig.from_name(
-        preset,
-        vocab_size=len(vocab),
-        pad_id=vocab.pad_id,
-        n_cls=len(names),
-        max_seq_len=lengths[-1],
-        dropout=0.0,
+        preset, vocab_size=len(vocab), pad_id=vocab.pad_id, n_cls=len(names), dropout=0.0
     )
     torch.manual_seed(0)
     model = ScGPT(cfg).train()
-    # Fine-tune encoder and head on the cell-type loss, on each cell's 63 most expressed genes
-    # (fast; the model has no positions): embeddings that tell cell types apart, so that class
-    # margins are those of a trained model, not of random weights.
+    # Encoder and head on the cell-type loss, each cell's 63 most expressed genes (fast; the
+    # model has no positions): weights whose embeddings separate cell types, unlike random ones.
     cells = tokenize(
         block, match.column_ids, TokenConfig(max_seq_len=64), vocab.cls_id, vocab.pad_id
     )
     inputs = [torch.from_numpy(a) for a in (cells.gene_ids, cells.values, cells.padding_mask)]
     y = torch.tensor([names.index(x) for x in labels])
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-4)
     warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 30))
     g = torch.Generator().manual_seed(0)
-    for step in range(train_steps):
+    for step in range(args.train_steps):
         rows = torch.randint(0, N_HEAD_CELLS, (32,), generator=g)
         emb = model.cell_embedding(*(a[rows] for a in inputs))
         loss = torch.nn.functional.cross_entropy(model.cls_decoder(emb), y[rows])
@@ -164,58 +155,92 @@ def build(
         warmup.step()
         if step % 10 == 0:
             print(f"fine-tuning step {step}: loss {loss.item():.3f}", file=sys.stderr)
-    data = [{"file": str(KANG), "bytes": KANG.stat().st_size}]
-    info = RunInfo(cfg, tokens, vocab, labels=names, provenance={"data": data})
-    run = save_run(workdir / f"run-{preset}", model.eval(), info)
-    export_run(
-        run,
-        bundle,
-        max_lens=lengths,
-        precisions=precisions,
-        validation_cells=16,
-        device="cuda" if "fp16" in precisions else "cpu",
-    )
+    # Our parameter names are the official ones (model.py); the release has no cell-type head.
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("cls_decoder.")}
+    tmp = folder.with_name(folder.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    torch.save(state, tmp / "best_model.pt")
+    official_args = {
+        "embsize": cfg.d_model,
+        "nheads": cfg.n_head,
+        "d_hid": cfg.d_hid,
+        "nlayers": cfg.n_layer,
+        "n_layers_cls": 3,
+        "dropout": 0.2,
+        "pad_token": "<pad>",
+        "pad_value": -2,
+        "mask_value": -1,
+        "n_bins": 51,
+        "max_seq_len": OFFICIAL_MAX_LEN,
+        "input_emb_style": "continuous",
+        "input_style": "binned",
+    }
+    (tmp / "args.json").write_text(json.dumps(official_args))
+    vocab.to_json(tmp / "vocab.json")
+    tmp.rename(folder)
+    return folder
+
+
+def cli(name: str) -> str:
+    return str(Path(sys.executable).with_name(name))
+
+
+def import_and_export(ckpt: Path, workdir: Path) -> Path:
+    """`import-scgpt` then `export`, each on its defaults; cached."""
+    run, bundle = workdir / "imported", workdir / "bundle"
+    if not bundle.is_dir():
+        shutil.rmtree(run, ignore_errors=True)
+        subprocess.run(
+            [cli("scgpt-train"), "import-scgpt", str(ckpt), "--out", str(run)], check=True
+        )
+        t0 = time.perf_counter()
+        subprocess.run([cli("scgpt-train"), "export", str(run), "--out", str(bundle)], check=True)
+        (workdir / "export_seconds.txt").write_text(f"{time.perf_counter() - t0:.0f}")
     return bundle
 
 
-def full_length_bundle(bundle: Path, workdir: Path, precision: str) -> Path:
-    """The same graph of the full length alone: every cell padded to max_seq_len."""
+def one_graph_bundle(bundle: Path, workdir: Path) -> Path:
+    """The old default export: the fp32 graph at the full length alone."""
     from scgpt_runtime.bundle import load_bundle, write_bundle
 
-    out = workdir / f"{bundle.name}-full-only"
+    out = workdir / "bundle-fp32-1200-only"
     if out.is_dir():
         return out
     b = load_bundle(bundle)
-    v = b.variant(precision)
+    v = max((v for v in b.variants if v.precision == "fp32"), key=lambda v: v.max_seq_len)
     copy = workdir / v.path.name
     shutil.copy(v.path, copy)
     variant = type(v)(v.precision, v.max_seq_len, copy, v.errors, v.tolerance)
     return write_bundle(
-        out,
-        model=b.config["model"],
-        tokens=b.tokens,
-        vocab=b.vocab,
-        variants=[variant],
-        labels=b.labels,
+        out, model=b.config["model"], tokens=b.tokens, vocab=b.vocab, variants=[variant]
     )
 
 
-def subset_10x(src: Path, dst: Path, n: int) -> Path:
-    """The first n cells of a 10x v3 file, as a 10x v3 file."""
-    import h5py
+def describe_bundle(bundle: Path) -> dict:
+    from scgpt_runtime.bundle import load_bundle
 
+    b = load_bundle(bundle, verify=False)
+    seconds = (bundle.parent / "export_seconds.txt").read_text()
+    lengths = sorted({v.max_seq_len for v in b.variants})
+    return {"precisions": b.precisions, "lengths": lengths, "export_seconds": int(seconds)}
+
+
+def input_file(name: str, n: int, workdir: Path) -> tuple[str, Path]:
+    """The first `n` cells of a Liao file, or `n` held-out Kang cells, as an .h5ad."""
+    import anndata as ad
+
+    dst = workdir / f"{name}.{n}.h5ad"
     if dst.exists():
-        return dst
-    with h5py.File(src) as f, h5py.File(dst, "w") as g:
-        m = f["matrix"]
-        end = int(m["indptr"][n])
-        out = g.create_group("matrix")
-        f.copy(m["features"], out, "features")
-        out["barcodes"] = m["barcodes"][:n]
-        out["data"], out["indices"] = m["data"][:end], m["indices"][:end]
-        out["indptr"] = m["indptr"][: n + 1]
-        out["shape"] = np.array([m["shape"][0], n], dtype=m["shape"].dtype)
-    return dst
+        return name, dst
+    if name == "Kang":
+        ad.read_h5ad(KANG)[N_HEAD_CELLS : N_HEAD_CELLS + n].copy().write_h5ad(dst)
+        return name, dst
+    from scgpt_runtime.io import open_counts
+    from scgpt_runtime.io.write import write_new_h5ad
+
+    with open_counts(subset_10x(LIAO[name], workdir / f"{name}.{n}.h5", n)) as counts:
+        write_new_h5ad(dst, counts)  # var as scanpy reads a 10x file: symbols, gene_ids
+    return name, dst
 
 
 # Measurements, each in a fresh process
@@ -242,185 +267,139 @@ def run_child(cmd: list[str], workdir: Path) -> tuple[str, float]:
 
 
 def scgpt_run() -> list[str]:
-    return [str(Path(sys.executable).with_name("scgpt-run"))]
+    return [cli("scgpt-run")]
 
 
-def measure_run(args, subset: Path, bundle: Path, precision: str, name: str, label: str) -> dict:
-    out = args.workdir / f"{name.replace(' ', '')}.{label.replace(' ', '').replace(',', '-')}.npy"
-    cmd = [
+def subset_10x(src: Path, dst: Path, n: int) -> Path:
+    """The first n cells of a 10x v3 file, as a 10x v3 file."""
+    import h5py
+
+    if dst.exists():
+        return dst
+    with h5py.File(src) as f, h5py.File(dst, "w") as g:
+        m = f["matrix"]
+        end = int(m["indptr"][n])
+        out = g.create_group("matrix")
+        f.copy(m["features"], out, "features")
+        out["barcodes"] = m["barcodes"][:n]
+        out["data"], out["indices"] = m["data"][:end], m["indices"][:end]
+        out["indptr"] = m["indptr"][: n + 1]
+        out["shape"] = np.array([m["shape"][0], n], dtype=m["shape"].dtype)
+    return dst
+
+
+def measure(name: str, label: str, cmd: list[str], workdir: Path) -> dict:
+    """Wall-clock seconds (start-up and model loading included) and peak RSS of `cmd`."""
+    t0 = time.perf_counter()
+    _, rss = run_child(cmd, workdir)
+    seconds = time.perf_counter() - t0
+    print(f"{name}: {label}: {seconds:.1f} s", file=sys.stderr)
+    return {"file": name, "engine": label, "seconds": round(seconds, 1), "peak_rss_mb": round(rss)}
+
+
+def embed_cmd(path: Path, bundle: Path, out: Path, extra: list[str]) -> list[str]:
+    return [
         *scgpt_run(),
         "-q",
         "embed",
-        str(subset),
+        str(path),
         "--model",
         str(bundle),
+        *extra,
         "--out",
         str(out),
-        "--overwrite",
-        "--json",
-        "--precision",
-        precision,
-        "--device",
-        args.device,
-        "--threads",
-        str(args.threads),
-        "--batch-size",
-        str(args.batch_size),
-        "--min-gene-fraction",
-        "0",
     ]
-    stdout, rss = run_child(cmd, args.workdir)
-    summary = json.loads(stdout)
-    graphs = {int(k): v for k, v in summary["graphs"].items()}
-    row = {
-        "file": name,
-        "engine": f"onnxruntime {label}",
-        "cells": summary["n_cells"],
-        "cells_per_s": summary["cells_per_s"],
-        "peak_rss_mb": round(rss),
-        "gflop_per_s": round(flops(bundle, graphs) / summary["run_seconds"] / 1e9, 1),
-    }
-    if args.device == "cuda":  # against the arithmetic limit of the GPU
-        row["pct_of_peak"] = round(100 * row["gflop_per_s"] / (args.peak_tflops * 1e3), 1)
-    return row
 
 
-def agreement(args, subset: Path, bundle: Path, precision: str, torch_probs) -> float:
-    out = args.workdir / f"agree.{precision}.csv"
-    cmd = [
-        *scgpt_run(),
-        "-q",
-        "annotate",
-        str(subset),
-        "--model",
-        str(bundle),
-        "--out",
-        str(out),
-        "--overwrite",
-        "--precision",
-        precision,
-        "--device",
-        args.device,
-        "--min-gene-fraction",
-        "0",
-    ]
-    run_child(cmd, args.workdir)
-    import csv
-
-    from scgpt_runtime.bundle import load_bundle
-
-    labels = load_bundle(bundle).labels
-    with out.open() as f:
-        got = [r["predicted_labels"] for r in csv.DictReader(f)]
-    expected = [labels[i] for i in np.asarray(torch_probs).argmax(1)]
-    return round(float(np.mean([a == b for a, b in zip(got, expected, strict=True)])), 4)
+def official_cmd(ckpt: Path, path: Path, out: Path) -> list[str]:
+    return [sys.executable, __file__, "--worker", str(ckpt), str(path), str(out)]
 
 
-def measure_torch(args, subset: Path, name: str) -> dict:
-    out = args.workdir / f"{name.replace(' ', '')}.torch.json"
-    cmd = [
-        sys.executable,
-        __file__,
-        "--worker",
-        str(subset),
-        "--preset",
-        args.preset,
-        "--workdir",
-        str(args.workdir),
-        "--threads",
-        str(args.threads),
-        "--batch-size",
-        str(args.batch_size),
-        "--json",
-        str(out),
-    ]
-    _, rss = run_child(cmd, args.workdir)
-    result = json.loads(out.read_text())
-    return {
-        "file": name,
-        "engine": "PyTorch eager fp32",
-        "cells": result["cells"],
-        "cells_per_s": result["cells_per_s"],
-        "peak_rss_mb": round(rss),
-        "gflop_per_s": result["gflop_per_s"],
-        "class_probs": result["class_probs"],
-    }
-
-
-def torch_worker(args) -> None:
-    """Read, tokenize and embed `--worker FILE` with PyTorch, as the runtime would."""
+def official_loop(ckpt: Path, path: Path, out: Path) -> None:
+    """get_batch_cell_embeddings of the official code, on the CPU, written with our model."""
+    import anndata as ad
     import torch
 
-    from scgpt_runtime.genes import match_genes
-    from scgpt_runtime.io import open_counts
-    from scgpt_runtime.tokens import tokenize
-    from scgpt_train.checkpoint import load_run
+    from scgpt_train.official import load_official_folder
 
-    torch.set_num_threads(args.threads)
-    model, info = load_run(args.workdir / f"run-{args.preset}")
-    n_head = model.cfg.n_head
-    t0 = time.perf_counter()
-    probs, total_flops, n = [], 0.0, 0
-    with open_counts(args.worker) as counts, torch.inference_mode():
-        match = match_genes(counts.var, info.vocab, min_fraction=0)
-        for block in counts.iter_blocks(2048):
-            cells = tokenize(
-                block, match.column_ids, info.tokens, info.vocab.cls_id, info.vocab.pad_id
-            )
-            for i in range(0, cells.n_cells, args.batch_size):
-                rows = slice(i, i + args.batch_size)
-                width = 1 + int(cells.n_genes[rows].max())
-                ids, values, pad = (
-                    torch.from_numpy(a[rows, :width])
-                    for a in (cells.gene_ids, cells.values, cells.padding_mask)
-                )
-                emb = model.cell_embedding(ids, values, pad)
-                torch.nn.functional.normalize(emb, dim=-1)
-                probs.append(torch.softmax(model.cls_decoder(emb), dim=-1).numpy())
-                total_flops += len(ids) * cell_flops(model.cfg.to_dict(), width, n_head)
-                n += len(ids)
-    seconds = time.perf_counter() - t0
-    Path(args.json).write_text(
-        json.dumps(
-            {
-                "cells": n,
-                "cells_per_s": round(n / seconds, 1),
-                "gflop_per_s": round(total_flops / seconds / 1e9, 1),
-                "class_probs": np.concatenate(probs).tolist(),
-            }
+    official = load_official_folder(ckpt)
+    model, vocab = official.model, official.vocab
+    adata = ad.read_h5ad(path)
+    keep = np.array([g in vocab for g in adata.var_names])
+    adata = adata[:, keep]
+    gene_ids = np.array([vocab[g] for g in adata.var_names])
+    count_matrix = adata.X.toarray()  # the official loop densifies (`.A`)
+    rng = np.random.default_rng()  # official ties and sampling come from a global RNG
+    embeddings = []
+    with torch.no_grad():
+        for lo in range(0, len(count_matrix), OFFICIAL_BATCH):
+            ids, values = collate(count_matrix[lo : lo + OFFICIAL_BATCH], gene_ids, vocab, rng)
+            pad = torch.from_numpy(ids == vocab.pad_id)
+            emb = model.encode(torch.from_numpy(ids), torch.from_numpy(values), pad)[:, 0]
+            embeddings.append(emb.numpy())
+    emb = np.concatenate(embeddings)
+    np.save(out, emb / np.linalg.norm(emb, axis=1, keepdims=True))
+
+
+def collate(rows: np.ndarray, gene_ids: np.ndarray, vocab, rng) -> tuple[np.ndarray, np.ndarray]:
+    """The official DataCollator: bin each cell's non-zero values (random ties), <cls> first
+    with value -2, 1,199 genes sampled where there are more, pad to the batch's longest."""
+    from scgpt_runtime.binning import bin_values
+    from scgpt_runtime.csr import CsrBlock
+
+    cells = []
+    for row in rows:
+        nz = np.flatnonzero(row)
+        block = CsrBlock(
+            row[nz].astype(np.float32), np.arange(len(nz)), np.array([0, len(nz)]), len(nz)
         )
-    )
+        bins = bin_values(block, mode="official", seed=int(rng.integers(2**31))).data
+        genes = gene_ids[nz]
+        if len(nz) > OFFICIAL_MAX_LEN - 1:
+            pick = np.sort(rng.choice(len(nz), OFFICIAL_MAX_LEN - 1, replace=False))
+            genes, bins = genes[pick], bins[pick]
+        cells.append((np.r_[vocab.cls_id, genes], np.r_[-2.0, bins]))
+    width = max(len(g) for g, _ in cells)
+    ids = np.full((len(cells), width), vocab.pad_id, dtype=np.int64)
+    values = np.full((len(cells), width), -2.0, dtype=np.float32)
+    for i, (g, v) in enumerate(cells):
+        ids[i, : len(g)], values[i, : len(v)] = g, v
+    return ids, values
 
 
-def cell_flops(m: dict, length: int, n_head: int | None = None) -> float:
-    """Multiply-adds x 2 of one cell at `length` tokens: the projections and feed-forward of
-    every layer, and attention scores and weighted sums."""
-    d, d_hid = m["d_model"], m["d_hid"]
-    per_token = 2 * (4 * d * d + 2 * d * d_hid)
-    return m["n_layer"] * (length * per_token + 4 * length * length * d)
+def cosines(what: str, a: np.ndarray, b: np.ndarray) -> dict:
+    """Per-cell cosine of two L2-normalised embeddings: mean and least."""
+    c = np.sum(a * b, axis=1)
+    return {f"{what}: mean": round(float(c.mean()), 4), f"{what}: least": round(float(c.min()), 4)}
 
 
-def flops(bundle: Path, graphs: dict[int, int]) -> float:
-    from scgpt_runtime.bundle import load_bundle
-
-    m = load_bundle(bundle, verify=False).config["model"]
-    return sum(k * cell_flops(m, length) for length, k in graphs.items())
+def run_grid(args, bundle: Path, first: tuple[str, Path]) -> list[dict]:
+    """`scgpt-run embed` at each batch size x thread count, int8 and fp32."""
+    name, path = first
+    rows = []
+    for precision in ("int8", "fp32"):
+        for threads in map(int, args.thread_counts.split(",")):
+            for batch in map(int, args.batch_sizes.split(",")):
+                extra = ["--precision", precision, "--threads", str(threads)]
+                extra += ["--batch-size", str(batch), "--json", "--overwrite"]
+                out = args.workdir / "grid.npy"
+                stdout, _ = run_child(embed_cmd(path, bundle, out, extra), args.workdir)
+                summary = json.loads(stdout)
+                rows.append(
+                    {
+                        "file": name,
+                        "precision": precision,
+                        "threads": threads,
+                        "batch_size": batch,
+                        "cells_per_s": summary["cells_per_s"],
+                    }
+                )
+                print(rows[-1], file=sys.stderr)
+    return rows
 
 
 def table(rows: list[dict]) -> str:
-    head = [
-        "file",
-        "engine",
-        "cells",
-        "cells_per_s",
-        "speedup",
-        "peak_rss_mb",
-        "gflop_per_s",
-        "pct_of_peak",
-        "top1_agreement",
-        "classes_predicted",
-    ]
-    head = [h for h in head if any(h in r for r in rows)]
+    head = list(dict.fromkeys(k for r in rows for k in r))
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         lines.append("| " + " | ".join(str(r.get(k, "")) for k in head) + " |")

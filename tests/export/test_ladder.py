@@ -6,7 +6,7 @@ import itertools
 
 import numpy as np
 
-from scgpt_export.ladder import STEP, choose_ladder, layer_cost
+from scgpt_export.ladder import MAX_LENGTHS, STEP, choose_ladder, halving_ladder, layer_cost
 
 
 def total(ladder: list[int], n_tokens: np.ndarray) -> float:
@@ -35,3 +35,12 @@ def test_short_cells_get_short_lengths_and_no_more_than_they_need():
     five = choose_ladder(np.arange(2, 1201), 1200, 512, 512)
     assert len(five) == 5
     assert five[-1] == 1200
+
+
+def test_without_cells_every_cell_runs_below_twice_its_length():
+    assert halving_ladder(1200) == [96, 160, 320, 608, 1200]
+    for max_len in (64, 100, 1200, 3001):
+        ladder = halving_ladder(max_len)
+        assert ladder[-1] == max_len and len(ladder) <= MAX_LENGTHS
+        for n in range(ladder[0], max_len + 1):
+            assert ladder[np.searchsorted(ladder, n)] < 2 * n + STEP  # STEP: rounding up
