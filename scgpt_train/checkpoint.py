@@ -136,13 +136,17 @@ def save_checkpoint(
     tmp = root / f".step-{step:08d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file(_contiguous(model.state_dict()), tmp / "model.safetensors")
-    tensors, meta = _flatten_optimizer(optimizer.state_dict())
-    save_file(tensors, tmp / "optimizer.safetensors")
-    save_file({"torch": torch.get_rng_state()}, tmp / "rng.safetensors")
-    write_json(tmp / "state.json", {"step": step, "optimizer": meta, **state})
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
+    try:
+        save_file(_contiguous(model.state_dict()), tmp / "model.safetensors")
+        tensors, meta = _flatten_optimizer(optimizer.state_dict())
+        save_file(tensors, tmp / "optimizer.safetensors")
+        save_file({"torch": torch.get_rng_state()}, tmp / "rng.safetensors")
+        write_json(tmp / "state.json", {"step": step, "optimizer": meta, **state})
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+    except BaseException:  # interrupted or a full disk: the latest complete one stays latest
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     with atomic_path(root / "latest") as t:
         t.write_text(final.name)
     for old in sorted(root.glob("step-*"))[:-KEEP_CHECKPOINTS]:
@@ -150,14 +154,19 @@ def save_checkpoint(
     return final
 
 
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint `--resume` continues from, None before the first."""
+    latest = Path(run_dir) / "checkpoints" / "latest"
+    return latest.parent / latest.read_text().strip() if latest.is_file() else None
+
+
 def load_checkpoint(
     run_dir: Path, model: ScGPT, optimizer: torch.optim.Optimizer
 ) -> dict[str, Any] | None:
     """Restore the latest checkpoint into `model` and `optimizer`; its state, or None if none."""
-    latest = run_dir / "checkpoints" / "latest"
-    if not latest.exists():
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
         return None
-    ckpt = run_dir / "checkpoints" / latest.read_text().strip()
     state = read_json(ckpt / "state.json", what="checkpoint")
     model.load_state_dict(_load_tensors(ckpt / "model.safetensors"))
     tensors = _load_tensors(ckpt / "optimizer.safetensors")

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import inspect
 import logging
+import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -15,6 +17,7 @@ import click
 from .. import pipeline
 from ..bundle import PRECISIONS
 from ..errors import ScgptError
+from ..obs import parse_where
 from ..session import DEVICES
 
 EXIT_CODES = """\b
@@ -25,18 +28,38 @@ Exit codes:
   3  input file error (missing, damaged, wrong format, invalid values)
   4  gene match error (too few genes match the model vocabulary)
   5  model bundle error
-  6  output error (exists without --overwrite, not writable)"""
+  6  output error (exists without --overwrite, not writable)
+  130  interrupted (Ctrl-C); 143 terminated (SIGTERM): no partial output is left"""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (timeout, Slurm, Snakemake), raised like Ctrl-C so that every temporary file
+    is removed on the way out."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated
 
 
 class ScgptGroup(click.Group):
-    """Turns every ScgptError into one line on stderr and its exit code: no tracebacks."""
+    """Turns every ScgptError into one line on stderr and its exit code, and an interrupt into
+    130 (SIGINT) or 143 (SIGTERM): no tracebacks."""
 
     def invoke(self, ctx: click.Context):
+        main = threading.current_thread() is threading.main_thread()  # signals: main only
+        previous = signal.signal(signal.SIGTERM, _terminate) if main else None
         try:
             return super().invoke(ctx)
         except ScgptError as e:
             click.echo(f"Error: {e}", err=True)
             ctx.exit(e.exit_code)
+        except KeyboardInterrupt as e:
+            terminated = isinstance(e, Terminated)
+            click.echo(f"Error: {'terminated' if terminated else 'interrupted'}", err=True)
+            ctx.exit(143 if terminated else 130)
+        finally:
+            if main:
+                signal.signal(signal.SIGTERM, previous)
 
 
 def configure_logging(verbose: bool, quiet: bool) -> None:
@@ -72,6 +95,15 @@ def option(source: Callable, name: str, *decls: str, **kw: Any) -> Callable:
     default = inspect.signature(source).parameters[name].default
     flag = decls or (f"--{name.replace('_', '-')}",)
     return click.option(*flag, default=default, show_default=True, **kw)
+
+
+def check_where(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]):
+    """A click callback: malformed COL=VALUE filters are usage errors (exit 2)."""
+    try:
+        parse_where(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from e
+    return value
 
 
 def input_options(f: Callable) -> Callable:

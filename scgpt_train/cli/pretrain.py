@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 from typing import Any
 
 import click
@@ -12,6 +13,7 @@ from click.core import ParameterSource
 
 from scgpt_runtime.cli.common import progress_bar
 
+from ..checkpoint import latest_checkpoint
 from ..model import PRESETS
 from ..official import import_scgpt as run_import
 from ..pretrain import PretrainConfig, resumed_config
@@ -26,14 +28,14 @@ log = logging.getLogger("scgpt_train")
 Examples:
   scgpt-train pretrain --data ../shared/data/unlabelled --out runs/pre --max-steps 2000
   scgpt-train pretrain --data a.h5ad --data b.h5 --out runs/pre --preset base --batch-size 64
-  scgpt-train pretrain --data a.h5ad --out runs/pre --resume
+  scgpt-train pretrain --out runs/pre --resume
   torchrun --nproc-per-node 4 -m scgpt_train.cli pretrain --data corpus/ --out runs/pre"""
 )
 @click.option(
     "--data",
     multiple=True,
-    required=True,
-    help="A .h5ad or 10x .h5 file, a folder of them, or a quoted glob; repeatable.",
+    help="A .h5ad or 10x .h5 file, a folder of them, or a quoted glob; repeatable "
+    "(required unless --resume, which takes the run's own).",
 )
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory.")
 @option(PretrainConfig, "preset", type=click.Choice(sorted(PRESETS)))
@@ -103,7 +105,7 @@ def pretrain(
             for k, v in options.items()
             if ctx.get_parameter_source(k) != ParameterSource.DEFAULT
         }
-        given |= file_config | {"data": expand_data(data)}
+        given |= file_config | ({"data": expand_data(data)} if data else {})
         cfg, differ = resumed_config(options["out"], given)
         if differ:
             log.warning(
@@ -112,10 +114,21 @@ def pretrain(
                 cfg.out,
                 ", ".join(differ),
             )
+    elif not data:
+        raise click.UsageError("Missing option '--data'.")
     else:
         cfg = merged_config(PretrainConfig, ctx, file_config, data=expand_data(data), **options)
-    with progress_bar("Pretraining") as progress:
-        result = run_pretrain(cfg, progress)
+    try:
+        with progress_bar("Pretraining") as progress:
+            result = run_pretrain(cfg, progress)
+    except KeyboardInterrupt:
+        ckpt = latest_checkpoint(Path(cfg.out))
+        log.error(
+            "stopped: --resume continues %s from %s",
+            cfg.out,
+            ckpt or "the start (no checkpoint was written yet)",
+        )
+        raise
     if as_json:
         click.echo(json.dumps(result))
 

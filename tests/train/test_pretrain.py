@@ -201,6 +201,39 @@ def test_an_existing_run_is_kept_and_resume_takes_its_settings(shared_data, tmp_
     assert [r["step"] for r in metrics(run)] == [1]
 
 
+def test_an_interrupted_checkpoint_write_exits_130_and_resume_continues(
+    shared_data, tmp_path, monkeypatch
+):
+    """Ctrl-C inside the second checkpoint's write: exit 130, the log names the checkpoint
+    --resume continues from, no half-written checkpoint is left, and --resume finishes."""
+    import scgpt_train.checkpoint as checkpoint
+
+    run = tmp_path / "run"
+    args = ["pretrain", "--data", str(shared_data / KANG), "--out", str(run)]
+    args += ["--batch-size", "8", "--checkpoint-every", "1", "--eval-every", "100"]
+    args += ["--max-steps", "3", "--config", str(_write(tmp_path, {"tokens": {"max_seq_len": 32}}))]
+    write_json, calls = checkpoint.write_json, []
+
+    def interrupted(path, obj):
+        if path.name == "state.json":
+            calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        write_json(path, obj)
+
+    monkeypatch.setattr(checkpoint, "write_json", interrupted)
+    stopped = CliRunner().invoke(cli, args)
+    assert stopped.exit_code == 130, stopped.output
+    assert f"--resume continues {run} from {run / 'checkpoints' / 'step-00000001'}" in (
+        stopped.stderr
+    )
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step-00000001"]
+    monkeypatch.setattr(checkpoint, "write_json", write_json)
+    resumed = CliRunner().invoke(cli, ["pretrain", "--out", str(run), "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    assert [r["step"] for r in metrics(run) if "loss" in r][-1] == 3
+
+
 def test_vocab_from_a_data_file(shared_data, tmp_path):
     # the Liao files (33,539 genes) trained on Kang's 6,998 genes: a small, PBMC-sized vocabulary
     liao = "unlabelled/liao2020_balf_GSM4339772_C144_filtered_feature_bc_matrix.h5"
