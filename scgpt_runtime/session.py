@@ -15,9 +15,10 @@ output buffers on the GPU between calls through IO binding.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -87,30 +88,38 @@ def resolve_device(device: str, probe_graph: str | Path, verbose: bool = False) 
     on `probe_graph`.
 
     "auto" tries the CUDA provider on the graph and takes the CPU where it does not start;
-    onnxruntime's own error messages for that attempt are silenced unless `verbose`.
+    "cuda" raises DeviceError there. onnxruntime's own messages for the attempt are silenced
+    unless `verbose`.
     """
     if device not in DEVICES:
         raise ValueError(f"device must be one of {DEVICES}, not {device!r}")
-    if device != "auto":
-        if device == "cuda":
-            open_session(probe_graph, "cuda")
-        return device
-    if PROVIDERS["cuda"] not in ort.get_available_providers():
+    if device == "cpu" or (
+        device == "auto" and PROVIDERS["cuda"] not in ort.get_available_providers()
+    ):
         return "cpu"
-    with _probe_lock:
-        if not verbose:
-            ort.set_default_logger_severity(_ORT_QUIET)
+    with _probe_lock, _native_log(verbose):
         try:
             open_session(probe_graph, "cuda")
             return "cuda"
         except DeviceError:
+            if device == "cuda":
+                raise
             log.info(
                 "--device auto: the CUDA provider does not start here (no GPU, or not the CUDA "
                 "libraries this onnxruntime needs; -v shows its message): running on the CPU"
             )
             return "cpu"
-        finally:
-            ort.set_default_logger_severity(_ORT_WARNING)
+
+
+@contextlib.contextmanager
+def _native_log(verbose: bool) -> Iterator[None]:
+    """onnxruntime's own log lines (coloured, on stderr) only with -v while CUDA is tried."""
+    if not verbose:
+        ort.set_default_logger_severity(_ORT_QUIET)
+    try:
+        yield
+    finally:
+        ort.set_default_logger_severity(_ORT_WARNING)
 
 
 class Runner:

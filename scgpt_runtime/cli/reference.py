@@ -9,7 +9,7 @@ import click
 
 from .. import pipeline
 from .. import reference as reference_files
-from .common import EXIT_CODES, model_option, progress_bar, run_options
+from .common import EXIT_CODES, check_where, model_option, progress_bar, run_options
 
 
 @click.group(epilog=EXIT_CODES)
@@ -41,7 +41,10 @@ Examples:
     help="obs column with labels to transfer; repeatable (coarse and fine).",
 )
 @click.option(
-    "--where", multiple=True, help="COL=VALUE: only cells whose obs COL equals VALUE; repeatable."
+    "--where",
+    multiple=True,
+    callback=check_where,
+    help="COL=VALUE: only cells whose obs COL equals VALUE; repeatable.",
 )
 @run_options
 def build(

@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from scgpt_runtime.cli.common import option
+from scgpt_runtime.cli.common import check_where, option
 from scgpt_runtime.errors import InputError
 
 from ..model import PRESETS
@@ -102,6 +102,7 @@ def start_options(cls: type) -> Callable:
         click.option(
             "--where",
             multiple=True,
+            callback=check_where,
             help="COL=VALUE: use only cells whose obs COL equals VALUE; repeatable.",
         ),
         click.option(

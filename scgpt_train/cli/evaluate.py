@@ -7,6 +7,7 @@ from typing import Any
 
 import click
 
+from scgpt_runtime.cli.common import check_where
 from scgpt_runtime.knn import VOTES
 
 from ..evaluate import EvaluateConfig
@@ -50,14 +51,21 @@ Examples:
 )
 @click.option("--data", multiple=True, required=True, help="Labelled cells; repeatable.")
 @click.option("--label-key", required=True, help="obs column with the true labels.")
-@click.option("--where", multiple=True, help="COL=VALUE filter of --data; repeatable.")
+@click.option(
+    "--where", multiple=True, callback=check_where, help="COL=VALUE filter of --data; repeatable."
+)
 @click.option("--batch-key", help="obs column with batches: integration metrics.")
 @click.option(
     "--reference",
     multiple=True,
     help="Labelled reference cells: kNN label transfer (zero-shot); repeatable.",
 )
-@click.option("--reference-where", multiple=True, help="COL=VALUE filter of --reference.")
+@click.option(
+    "--reference-where",
+    multiple=True,
+    callback=check_where,
+    help="COL=VALUE filter of --reference.",
+)
 @option(EvaluateConfig, "k", type=int, help="Neighbours for kNN.")
 @option(EvaluateConfig, "vote", type=click.Choice(VOTES))
 @click.option(

@@ -41,6 +41,7 @@ def test_without_cells_every_cell_runs_below_twice_its_length():
     assert halving_ladder(1200) == [96, 160, 320, 608, 1200]
     for max_len in (64, 100, 1200, 3001):
         ladder = halving_ladder(max_len)
-        assert ladder[-1] == max_len and len(ladder) <= MAX_LENGTHS
+        assert ladder[-1] == max_len
+        assert len(ladder) <= MAX_LENGTHS
         for n in range(ladder[0], max_len + 1):
             assert ladder[np.searchsorted(ladder, n)] < 2 * n + STEP  # STEP: rounding up

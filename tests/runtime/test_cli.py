@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import anndata as ad
 import h5py
@@ -153,3 +155,17 @@ def test_inspect_real_files_agrees_with_a_direct_read(shared_data, name):
     assert report["nnz"] == sp.csr_matrix(x).count_nonzero()
     assert report["total_counts"] == int(x.sum())
     assert report["integer_counts"] is True
+
+
+def test_device_cuda_without_a_gpu_is_one_line_only(kang_small, served_bundle, tmp_path):
+    """onnxruntime's own native log lines (written by C++, past Python's stderr) stay hidden
+    without -v: where CUDA cannot start, stderr is the one error line and exit 2."""
+    cmd = [sys.executable, "-c", "from scgpt_runtime.cli import main; main()", "embed"]
+    cmd += [str(kang_small), "--model", str(served_bundle), "--out", str(tmp_path / "e.npy")]
+    p = subprocess.run([*cmd, "--device", "cuda"], capture_output=True, text=True)
+    if p.returncode == 0:  # a machine where the CUDA provider runs
+        assert "graphs on CUDAExecutionProvider" in p.stderr
+    else:
+        assert p.returncode == 2
+        assert p.stderr.splitlines() == [p.stderr.strip()]
+        assert p.stderr.startswith("Error: --device cuda: ")

@@ -312,6 +312,15 @@ def test_cli_annotate_evaluate_and_map(tmp_path):
     lines = (tmp_path / "p.csv").read_text().splitlines()
     assert lines[0] == "cell,label,predicted_labels,conf_score,knn_labels"
     assert len(lines) == 121
+    evaluate = ["evaluate", "--from", tmp_path / "run", "--data", data, "--label-key", "cell_type"]
+    for where, code, says in [
+        ("batch", 2, "--where takes COLUMN=VALUE, got 'batch'"),
+        ("bacth=b0", 3, "bacth"),  # the file has no such column: an input error naming it
+        ("batch=nope", 3, "no cell has batch == 'nope'"),
+    ]:
+        r = run_cli(*evaluate, "--where", where)
+        assert (r.exit_code, "Traceback" in r.output) == (code, False), r.output
+        assert says in r.stderr
     r = run_cli(
         "finetune",
         "integrate",
