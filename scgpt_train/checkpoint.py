@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import sys
@@ -34,6 +35,8 @@ from scgpt_runtime.tokens import TokenConfig
 from scgpt_runtime.vocab import Vocab
 
 from .model import ModelConfig, ScGPT
+
+log = logging.getLogger("scgpt_train")
 
 RUN_FORMAT_VERSION = 2  # 2: ModelConfig sizes its optional parts by counts
 READ_FORMAT_VERSIONS = (1, 2)
@@ -123,8 +126,29 @@ def load_run(run_dir: str | Path, map_location: str = "cpu") -> tuple[ScGPT, Run
             f"{info.model.vocab_size}"
         )
     model = ScGPT(info.model)
-    model.load_state_dict(_load_tensors(run_dir / "model.safetensors", map_location))
+    model.load_state_dict(_load_tensors(_weights(run_dir, info), map_location))
     return model.eval(), info
+
+
+def _weights(run_dir: Path, info: RunInfo) -> Path:
+    """The weights file of a run. An unfinished pretraining's model.safetensors holds its
+    initial weights, so its latest checkpoint is taken instead, with a warning."""
+    if "checkpoint_every" not in info.train or (run_dir / "summary.json").exists():
+        return run_dir / "model.safetensors"  # finished, or not a pretraining
+    ckpt = latest_checkpoint(run_dir)
+    resume = f"scgpt-train pretrain --out {run_dir} --resume finishes it"
+    if ckpt is None:
+        raise InputError(f"{run_dir}: an unfinished pretraining with no checkpoint yet ({resume})")
+    step = read_json(ckpt / "state.json", what="checkpoint")["step"]
+    log.warning(
+        "%s: an unfinished pretraining: using its latest checkpoint, step %d of %s (%s)",
+        run_dir,
+        step,
+        info.train.get("max_steps"),
+        resume,
+    )
+    info.provenance = {**info.provenance, "checkpoint_step": step}
+    return ckpt / "model.safetensors"
 
 
 def save_checkpoint(

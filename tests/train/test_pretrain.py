@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -202,7 +203,7 @@ def test_an_existing_run_is_kept_and_resume_takes_its_settings(shared_data, tmp_
 
 
 def test_an_interrupted_checkpoint_write_exits_130_and_resume_continues(
-    shared_data, tmp_path, monkeypatch
+    shared_data, tmp_path, monkeypatch, caplog
 ):
     """Ctrl-C inside the second checkpoint's write: exit 130, the log names the checkpoint
     --resume continues from, no half-written checkpoint is left, and --resume finishes."""
@@ -228,6 +229,18 @@ def test_an_interrupted_checkpoint_write_exits_130_and_resume_continues(
         stopped.stderr
     )
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step-00000001"]
+    # Loading the unfinished run (to export or fine-tune it) takes the checkpoint, not the
+    # initial weights in RUN/model.safetensors, and says so.
+    caplog.handler.setLevel("WARNING")
+    logging.getLogger().addHandler(caplog.handler)  # the CLI's basicConfig(force) removed it
+    model, info = checkpoint.load_run(run)
+    assert "an unfinished pretraining: using its latest checkpoint, step 1 of 3" in caplog.text
+    assert info.provenance["checkpoint_step"] == 1
+    saved = load_file(run / "checkpoints" / "step-00000001" / "model.safetensors")
+    initial = load_file(run / "model.safetensors")
+    name = "encoder.embedding.weight"
+    assert torch.equal(model.state_dict()[name], saved[name])
+    assert not torch.equal(saved[name], initial[name])
     monkeypatch.setattr(checkpoint, "write_json", write_json)
     resumed = CliRunner().invoke(cli, ["pretrain", "--out", str(run), "--resume"])
     assert resumed.exit_code == 0, resumed.output
