@@ -21,9 +21,15 @@ class InputError(ScgptError):
 
 
 class GeneMatchError(ScgptError):
-    """Too few genes of a data file match the model vocabulary."""
+    """Too few genes of a data file match the model vocabulary. `match` (a genes.GeneMatch) and
+    `columns` (the file's gene columns) are there for advice; None where not known."""
 
     exit_code = 4
+
+    def __init__(self, message: str, match: object = None, columns: list[str] | None = None):
+        super().__init__(message)
+        self.match = match
+        self.columns = columns or []
 
 
 class BundleError(ScgptError):

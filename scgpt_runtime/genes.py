@@ -121,13 +121,53 @@ def match_genes(
         n_vocab_genes = len(panel)
     match = GeneMatch(column, ids, n_total, n_vocab_genes, int(duplicate.sum()), unmatched)
     if n_total == 0 or match.fraction < min_fraction:
-        raise GeneMatchError(
-            f"{source}: only {match.n_matched} of {min(n_total, n_vocab_genes)} possible genes "
-            f"({match.fraction:.0%}) match the model vocabulary (column {column}, "
-            f"unmatched examples: {', '.join(unmatched)}); "
-            f"pass --gene-column (available: {', '.join(var)}) or lower --min-gene-fraction"
-        )
+        raise GeneMatchError(_mismatch(match, var, vocab, source, min_fraction), match, list(var))
     return match
+
+
+def _mismatch(
+    match: GeneMatch, var: dict[str, np.ndarray], vocab: Vocab, source: str, min_fraction: float
+) -> str:
+    """What matched, and what the file's and the vocabulary's names look like."""
+    possible = min(match.n_total, match.n_vocab_genes)
+    names = var[match.column] if match.column in var else np.array([])
+    genes = [n for n in vocab.names if n not in SPECIALS]
+    file_kind, vocab_kind = name_kind(names), name_kind(genes)
+    text = (
+        f"{source}: only {match.n_matched:,} of {possible:,} possible genes "
+        f"({match.fraction:.0%}) match the model vocabulary, {min_fraction:.0%} are needed; "
+        f"the file's column {match.column} holds {file_kind}, e.g. "
+        f"{', '.join(match.unmatched_examples[:3])}; the vocabulary {vocab_kind}, e.g. "
+        f"{', '.join(genes[:3])}"
+    )
+    if "mouse" in file_kind and "human" in vocab_kind:
+        text += ": a mouse file for a human model (map its genes to human orthologs first)"
+    return text
+
+
+def name_kind(names: np.ndarray | list[str]) -> str:
+    """What gene names look like: Ensembl ids (human, mouse), symbols in upper case (human
+    style) or capitalised (mouse style), or other names."""
+    sample = [str(n) for n in list(names)[:2000]]
+    if not sample:
+        return "no names"
+
+    def share(test) -> float:
+        return sum(map(test, sample)) / len(sample)
+
+    if share(lambda n: n.startswith("ENSG")) > 0.5:
+        return "human Ensembl ids"
+    if share(lambda n: n.startswith("ENSMUSG")) > 0.5:
+        return "mouse Ensembl ids"
+    if share(lambda n: n.startswith("ENS")) > 0.5:
+        return "Ensembl ids"
+    if share(str.isdigit) > 0.5:
+        return "numbers"
+    if share(lambda n: n[:1].isupper() and n[1:] != n[1:].upper()) > 0.5:
+        return "capitalised symbols (mouse style)"
+    if share(lambda n: n == n.upper() and any(c.isalpha() for c in n)) > 0.5:
+        return "upper-case symbols (human style)"
+    return "other names"
 
 
 def _candidates(var: dict[str, np.ndarray]) -> list[str]:

@@ -16,7 +16,7 @@ import click
 
 from .. import pipeline
 from ..bundle import PRECISIONS
-from ..errors import ScgptError
+from ..errors import GeneMatchError, ScgptError
 from ..obs import parse_where
 from ..session import DEVICES
 
@@ -51,7 +51,7 @@ class ScgptGroup(click.Group):
         try:
             return super().invoke(ctx)
         except ScgptError as e:
-            click.echo(f"Error: {e}", err=True)
+            click.echo(f"Error: {e}{_advice(e, self, ctx)}", err=True)
             ctx.exit(e.exit_code)
         except KeyboardInterrupt as e:
             terminated = isinstance(e, Terminated)
@@ -60,6 +60,22 @@ class ScgptGroup(click.Group):
         finally:
             if main:
                 signal.signal(signal.SIGTERM, previous)
+
+
+def _advice(e: ScgptError, group: click.Group, ctx: click.Context) -> str:
+    """The options of the command that ran which could fix a gene match error."""
+    command = group.get_command(ctx, ctx.invoked_subcommand or "")
+    if not isinstance(e, GeneMatchError) or command is None:
+        return ""
+    options = {o for p in command.params for o in p.opts}
+    hints = []
+    others = [c for c in e.columns if e.match is None or c != e.match.column]
+    if "--gene-column" in options and others:
+        hints.append(f"--gene-column chooses another column ({', '.join(others[:6])})")
+    # Accepting fewer genes helps a file that nearly matches, not one of another kind.
+    if "--min-gene-fraction" in options and e.match is not None and e.match.fraction >= 0.1:
+        hints.append("--min-gene-fraction accepts fewer")
+    return f"; {'; '.join(hints)}" if hints else ""
 
 
 def configure_logging(verbose: bool, quiet: bool) -> None:

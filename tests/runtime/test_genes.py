@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from scgpt_runtime.errors import GeneMatchError
-from scgpt_runtime.genes import default_gene_column, match_genes, strip_versions
+from scgpt_runtime.genes import default_gene_column, match_genes, name_kind, strip_versions
 from scgpt_runtime.vocab import Vocab
 
 
@@ -93,3 +93,30 @@ def test_default_gene_column_prefers_feature_name_then_symbols():
     assert default_gene_column(_var(index=[1], feature_name=[1], gene_ids=[1])) == "feature_name"
     assert default_gene_column(_var(gene_ids=[1], index=[1])) == "index"
     assert default_gene_column(_var(id=[1], name=[1])) == "name"
+
+
+@pytest.mark.parametrize(
+    ("names", "kind"),
+    [
+        (["ENSG00000141510", "ENSG00000000003"], "human Ensembl ids"),
+        (["ENSMUSG00000051951", "ENSMUSG00000025900"], "mouse Ensembl ids"),
+        (["Cd3e", "Lyz2", "Ms4a1"], "capitalised symbols (mouse style)"),
+        (["CD3E", "LYZ", "HLA-DRA"], "upper-case symbols (human style)"),
+        (["1", "2", "3"], "numbers"),
+    ],
+)
+def test_the_kind_of_gene_names_is_told(names, kind):
+    assert name_kind(names) == kind
+
+
+def test_a_mouse_file_is_told_what_it_and_the_vocabulary_hold_without_cli_advice():
+    """The API's message: facts about both sides, no command-line option to pass."""
+    var = _var(index=["Cd3e", "Lyz2", "Ms4a1", "Cd19"], gene_ids=["ENSMUSG1", "E2", "E3", "E4"])
+    with pytest.raises(GeneMatchError) as e:
+        match_genes(var, VOCAB, source="mouse.h5ad")
+    text = str(e.value)
+    assert "holds capitalised symbols (mouse style), e.g. Cd3e" in text
+    assert "the vocabulary upper-case symbols (human style)" in text
+    assert "map its genes to human orthologs first" in text
+    assert "--" not in text
+    assert e.value.columns == ["index", "gene_ids"]

@@ -357,3 +357,4 @@ def test_data_without_usable_genes_is_a_gene_match_error(shared_data, tmp_path):
     assert result.exit_code == 4
     (line,) = result.stderr.strip().splitlines()
     assert f"{shared_data / MOUSE}: only 0 of 2 possible genes (0%) match the model" in line
+    assert "--min-gene-fraction" not in line  # pretrain has no such option
