@@ -54,3 +54,15 @@ def test_readme_starts_with_the_two_newcomer_commands():
     assert "--model" not in block[0]
     assert "../shared" not in block[0]
     assert "pytest" in block[1]
+
+
+def test_the_cpu_only_requirements_are_the_runtime_dependencies_with_plain_onnxruntime():
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    deps = tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]
+    base = [d for d in deps if not d.startswith("onnxruntime")]
+    plain = [d.split(";")[0].strip() for d in deps if d.startswith("onnxruntime>")]
+    lines = (root / "requirements" / "runtime-cpu.txt").read_text().splitlines()
+    assert [x for x in lines if x and not x.startswith("#")] == base + plain
+    assert "pip install -r requirements/runtime-cpu.txt && pip install --no-deps ." in README

@@ -10,7 +10,7 @@ from .. import pipeline
 from ..inspection import bundle_info
 from ..inspection import inspect as inspect_file
 from ..served import bundle_or_default
-from .common import gene_fraction_option, input_options, model_option, progress_bar
+from .common import gene_fraction_option, input_options, progress_bar
 
 
 @click.command(
@@ -86,7 +86,12 @@ Examples:
   scgpt-run inspect pbmc.h5ad --model bundles/pbmc"""
 )
 @input_options
-@model_option
+@click.option(
+    "--model",
+    "bundle",
+    type=click.Path(path_type=str),
+    help="Also match the genes to this model bundle's vocabulary [default: no gene match]",
+)
 @gene_fraction_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 def inspect(

@@ -54,3 +54,19 @@ def test_workflow_annotates_in_shards_and_merges(
         assert result.exit_code == 0, result.output
         assert merged.read_bytes() == whole.read_bytes()
     assert not list((tmp_path / "results" / "parts").glob("*.part"))  # temp(): removed
+
+
+def test_the_example_configuration_runs_as_written(snakemake, tmp_path):
+    """The README's command on workflow/config.example.yaml (default model, the shared files),
+    only the results folder moved out of the checkout."""
+    root = SNAKEFILE.parents[1]
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    args = ["-s", SNAKEFILE, "--configfile", root / "workflow" / "config.example.yaml"]
+    args += ["--config", f"outdir={tmp_path}", "--cores", 2, "--quiet"]
+    done = subprocess.run(
+        [*snakemake, *map(str, args)], capture_output=True, text=True, env=env, cwd=root
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    kang = (tmp_path / "kang.csv").read_text().splitlines()
+    assert kang[0].startswith("cell,predicted_labels,conf_score")
+    assert len(kang) > 1000
