@@ -26,9 +26,10 @@ COLUMNS = ("scgpt_predicted_labels", "scgpt_conf_score", "scgpt_n_genes")
 
 def check(kang: Path, out_dir: Path) -> dict:
     out = out_dir / "kang_default_model.h5ad"
+    # the console script of the environment running this check, whatever PATH says
     run = subprocess.run(
         [
-            "scgpt-run",
+            str(Path(sys.executable).parent / "scgpt-run"),
             "annotate",
             str(kang),
             "--out",
