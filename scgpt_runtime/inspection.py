@@ -13,6 +13,7 @@ from .bundle import load_bundle
 from .errors import InputError
 from .genes import default_gene_column
 from .io import open_counts
+from .io.probe import probe
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,7 @@ def inspect(
     Returns the keys format, matrix, n_cells, n_genes, nnz, total_counts, integer_counts,
     gene_column and obs_columns. `progress(n, total)` is called after each block of n cells.
     """
+    probe(path)
     with open_counts(path, layer=layer, use_raw=use_raw, genome=genome) as counts:
         nnz, total, integer = 0, 0.0, True
         for block in counts.iter_blocks(block_size):

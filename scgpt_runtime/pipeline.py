@@ -28,6 +28,7 @@ from .engine import BLOCK_SIZE, Model, Progress, label_cells, match_bundle_genes
 from .errors import BundleError, OutputError
 from .genes import MIN_GENE_FRACTION
 from .io import open_counts
+from .io.probe import probe
 from .obs import obs_strings, parse_where, selected
 from .results import Result
 from .served import bundle_or_default
@@ -145,6 +146,7 @@ def serve(
         outputs.check_output(file, overwrite=True)
     elif out is not None:
         outputs.check_output(out, overwrite=overwrite, source=file)
+    probe(file)
     with open_counts(file, layer=layer, use_raw=use_raw, genome=genome) as counts:
         if kind == "inplace" and counts.format != "h5ad":
             raise OutputError(f"{file}: is a {counts.format} file; --inplace needs an .h5ad file")
@@ -352,6 +354,7 @@ def build_reference(
     if not label_keys:
         raise ValueError("give at least one --label-key")
     outputs.check_output(out, overwrite=overwrite, source=file)
+    probe(file)
     with open_counts(file, layer=layer, use_raw=use_raw, genome=genome) as counts:
         keep = selected(counts, parse_where(where))
         labels = {key: obs_strings(counts.read_obs(key)) for key in label_keys}

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-import signal
 import sys
-import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -16,7 +14,7 @@ import click
 
 from .. import pipeline
 from ..bundle import PRECISIONS
-from ..errors import GeneMatchError, ScgptError
+from ..errors import GeneMatchError, ScgptError, Terminated
 from ..obs import parse_where
 from ..session import DEVICES
 
@@ -29,16 +27,7 @@ Exit codes:
   4  gene match error (too few genes match the model vocabulary)
   5  model bundle error
   6  output error (exists without --overwrite, not writable)
-  130  interrupted (Ctrl-C); 143 terminated (SIGTERM): no partial output is left"""
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (timeout, Slurm, Snakemake), raised like Ctrl-C so that every temporary file
-    is removed on the way out."""
-
-
-def _terminate(signum: int, frame: object) -> None:
-    raise Terminated
+  130  interrupted (Ctrl-C); 143 terminated (SIGTERM) while writing: no partial output"""
 
 
 class ScgptGroup(click.Group):
@@ -46,20 +35,20 @@ class ScgptGroup(click.Group):
     130 (SIGINT) or 143 (SIGTERM): no tracebacks."""
 
     def invoke(self, ctx: click.Context):
-        main = threading.current_thread() is threading.main_thread()  # signals: main only
-        previous = signal.signal(signal.SIGTERM, _terminate) if main else None
         try:
             return super().invoke(ctx)
         except ScgptError as e:
-            click.echo(f"Error: {e}{_advice(e, self, ctx)}", err=True)
+            click.echo(f"Error: {_one_line(str(e))}{_advice(e, self, ctx)}", err=True)
             ctx.exit(e.exit_code)
         except KeyboardInterrupt as e:
             terminated = isinstance(e, Terminated)
             click.echo(f"Error: {'terminated' if terminated else 'interrupted'}", err=True)
             ctx.exit(143 if terminated else 130)
-        finally:
-            if main:
-                signal.signal(signal.SIGTERM, previous)
+
+
+def _one_line(text: str) -> str:
+    """Control characters (a damaged file's names) escaped: the message stays one line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _advice(e: ScgptError, group: click.Group, ctx: click.Context) -> str:

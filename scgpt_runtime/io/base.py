@@ -83,3 +83,14 @@ def _check_values(block: CsrBlock, path: Path, matrix: str) -> None:
         raise InputError(f"{path}: {matrix} holds NaN or infinite values")
     if block.nnz and block.data.min() < 0:
         raise InputError(f"{path}: {matrix} holds negative values; counts must be >= 0")
+
+
+def row_extent(indptr: np.ndarray, n_values: int, path: Path, where: str) -> tuple[int, int]:
+    """(first, last) value offsets of the rows an indptr slice spans, checked: it must not
+    decrease nor point outside the `n_values` stored values (a damaged or forged file)."""
+    a, b = int(indptr[0]), int(indptr[-1])
+    if np.any(indptr[1:] < indptr[:-1]):
+        raise InputError(f"{path}: {where} decreases")
+    if a < 0 or b > n_values:
+        raise InputError(f"{path}: {where} points at values {a}-{b} of {n_values} stored")
+    return a, b

@@ -17,7 +17,7 @@ import numpy as np
 
 from ..csr import CsrBlock
 from ..errors import InputError
-from .base import CountMatrix, damaged
+from .base import CountMatrix, damaged, row_extent
 from .chunks import read_range
 from .h5ad_elements import Frame, encoding, open_frame, reading
 
@@ -171,7 +171,9 @@ def _csr_blocks(
     for r0 in range(start, stop, block_size):
         r1 = min(r0 + block_size, stop)
         indptr = indptr_ds[r0 : r1 + 1].astype(np.int64)
-        lo, hi = int(indptr[0]), int(indptr[-1])
+        where = f"{g.name.lstrip('/')}/indptr of cells {r0}-{r1}"
+        stored = min(len(data_ds), len(indices_ds))
+        lo, hi = row_extent(indptr, stored, Path(g.file.filename), where)
         indptr -= lo
         indices = read_range(indices_ds, lo, hi, np.int64)
         data = read_range(data_ds, lo, hi, np.float32)
@@ -205,6 +207,13 @@ def _csc_blocks(
     if start >= stop:
         return
     indptr = g["indptr"][()].astype(np.int64)
+    if len(indptr) != n_cols + 1:
+        raise InputError(
+            f"{g.file.filename}: {g.name.lstrip('/')}/indptr has {len(indptr)} "
+            f"entries for {n_cols} columns"
+        )
+    stored = min(len(g["data"]), len(g["indices"]))
+    row_extent(indptr, stored, Path(g.file.filename), f"{g.name.lstrip('/')}/indptr")
     if indptr[-1] <= CSC_BUCKET_NNZ:  # one bucket, never spilled
         entries = _csc_entries(g, indptr, 0, n_cols, n_rows, start, stop)
         yield from _bucket_blocks(*entries, start, stop, n_cols, block_size)

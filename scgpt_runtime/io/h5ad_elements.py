@@ -36,13 +36,22 @@ def reading(elem: Element) -> Iterator[None]:
 
 
 def as_text(values: np.ndarray) -> np.ndarray:
-    """Any 1-D array as an object array of str; bytes are decoded as UTF-8, None stays None."""
+    """Any 1-D array as an object array of str; bytes are decoded as UTF-8, None stays None.
+    A NUL byte inside a name is damage (no writer puts one there): ValueError."""
     if values.dtype.kind == "S":
-        return np.char.decode(values, "utf-8").astype(object)
-    if values.dtype.kind == "O":
+        out = np.char.decode(values, "utf-8").astype(object)
+    elif values.dtype.kind == "O":
         out = [v.decode() if isinstance(v, bytes) else v if v is None else str(v) for v in values]
-        return np.array(out, dtype=object)
-    return values.astype(str).astype(object)
+        out = np.array(out, dtype=object)
+    else:
+        return values.astype(str).astype(object)
+    check_no_nul(out)
+    return out
+
+
+def check_no_nul(names: np.ndarray) -> None:
+    if any("\x00" in v for v in names if isinstance(v, str)):
+        raise ValueError("a name holds a NUL byte: the file is damaged")
 
 
 # Column readers, one per (encoding-type, encoding-version) anndata has written.

@@ -14,8 +14,9 @@ import numpy as np
 
 from ..csr import CsrBlock
 from ..errors import InputError
-from .base import CountMatrix
+from .base import CountMatrix, row_extent
 from .chunks import read_range
+from .h5ad_elements import check_no_nul
 
 _PARTS = ("barcodes", "data", "indices", "indptr", "shape")
 _V3_FEATURES = ("id", "name", "feature_type")
@@ -75,9 +76,8 @@ class TenxMatrix(CountMatrix):
         for lo in range(start, stop, block_size):
             hi = min(lo + block_size, stop)
             indptr = self._indptr[lo : hi + 1].astype(np.int64)
-            a, b = int(indptr[0]), int(indptr[-1])
-            if np.any(indptr[1:] < indptr[:-1]):
-                raise InputError(f"{self.path}: {self.matrix}/indptr decreases in cells {lo}-{hi}")
+            where = f"{self.matrix}/indptr of cells {lo}-{hi}"
+            a, b = row_extent(indptr, min(len(self._data), len(self._indices)), self.path, where)
             indptr -= a
             data = read_range(self._data, a, b, np.float32)
             indices = read_range(self._indices, a, b, np.int64)
@@ -180,7 +180,12 @@ def _strings(path: Path, group: h5py.Group, name: str, n: int) -> np.ndarray:
             f"(found {ds.dtype}, shape {ds.shape})"
         )
     # errors="replace": some writers flag UTF-8 bytes as ASCII; a name is still better than a crash.
-    return np.asarray(ds.asstr(encoding="utf-8", errors="replace")[()], dtype=str)
+    names = np.asarray(ds.asstr(encoding="utf-8", errors="replace")[()], dtype=str)
+    try:
+        check_no_nul(names)
+    except ValueError as e:
+        raise InputError(f"{path}: {ds.name.lstrip('/')}: {e}") from e
+    return names
 
 
 def _features_group(path: Path, group: h5py.Group) -> h5py.Group:

@@ -249,7 +249,7 @@ def test_indptr_must_end_at_nnz(tmp_path: Path):
 @pytest.mark.parametrize(
     ("name", "value", "message"),
     [
-        ("matrix/indptr", np.array([0, 3, 1, 3, 4]), r"indptr decreases in cells 0-4"),
+        ("matrix/indptr", np.array([0, 3, 1, 3, 4]), r"indptr of cells 0-4 decreases"),
         ("matrix/indices", np.array([0, 1, 9, 3]), r"indices holds a feature outside 0..4"),
     ],
 )
