@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import replace
@@ -24,6 +22,7 @@ from scgpt_runtime.bundle import (
     write_bundle,
 )
 from scgpt_runtime.errors import InputError
+from scgpt_runtime.io.atomic import atomic_dir, writing
 from scgpt_runtime.session import PROVIDERS
 from scgpt_train.checkpoint import RunInfo, command_line, created, load_run
 from scgpt_train.model import MASK_BIAS
@@ -103,11 +102,15 @@ def export_run(
     tokens = replace(info.tokens, max_seq_len=lengths[-1])
     log.info("lengths served: %s", ", ".join(map(str, lengths)))
 
-    scratch = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".export"))
-    try:
+    # SIGTERM removes the scratch folder and any half-written bundle
+    with writing(), atomic_dir(out, suffix=".export") as scratch:
         t0 = time.perf_counter()
         fp32 = export_onnx(
-            model, scratch / "fp32.onnx", lengths[-1], opset=opset, fuse_attention=fuse_attention
+            model,
+            scratch / "fp32.onnx",
+            lengths[-1],
+            opset=opset,
+            fuse_attention=fuse_attention,
         )
         timings: dict[str, float] = {"export": round(time.perf_counter() - t0, 2)}
         graphs = {}
@@ -169,8 +172,6 @@ def export_run(
             provenance={"training": info.provenance, "export": _provenance(run, opset)},
             overwrite=overwrite,
         )
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
     bundle = load_bundle(out, verify=False)
     return {
         "bundle": str(out),

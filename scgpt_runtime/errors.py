@@ -48,3 +48,8 @@ class OutputError(ScgptError):
     """An output path exists (without --overwrite), or cannot be written."""
 
     exit_code = 6
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (timeout, Slurm, Snakemake) while an output is written (io.atomic.writing):
+    raised like Ctrl-C so that the temporary file is removed on the way out."""

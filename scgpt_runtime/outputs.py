@@ -1,7 +1,7 @@
 """Writing results: CSV/TSV tables, .npy arrays, .h5ad files, and shard parts with their merge.
 
 Every file is written to a temporary name beside its destination and renamed into place
-(`io.write.atomic_path`), in place too (`--inplace`): an interrupted run leaves the old file
+(`io.atomic.atomic_path`), in place too (`--inplace`): an interrupted run leaves the old file
 whole. A shard run writes a part file (HDF5, below); `merge` joins the parts of one input and
 writes the output through the same writers as an unsharded run, so the two are identical.
 
@@ -30,7 +30,8 @@ import numpy as np
 
 from .errors import InputError, OutputError
 from .io import open_counts
-from .io.write import add_to_h5ad, atomic_path, extensible, write_new_h5ad
+from .io.atomic import atomic_path
+from .io.write import add_to_h5ad, extensible, write_new_h5ad
 from .results import Result
 
 SUFFIXES = {"annotate": (".csv", ".tsv", ".h5ad"), "embed": (".npy", ".h5ad", ".csv", ".tsv")}

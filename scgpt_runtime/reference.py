@@ -22,7 +22,7 @@ from safetensors.numpy import save_file
 
 from .bundle.format import decode_strings, encode_strings
 from .errors import BundleError, InputError
-from .io.write import atomic_path
+from .io.atomic import atomic_path
 from .knn import search, vote
 from .results import Result
 

@@ -30,7 +30,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from scgpt_runtime.errors import InputError, OutputError
-from scgpt_runtime.io.write import atomic_path
+from scgpt_runtime.io.atomic import atomic_path, writing
 from scgpt_runtime.tokens import TokenConfig
 from scgpt_runtime.vocab import Vocab
 
@@ -159,6 +159,18 @@ def save_checkpoint(
     final = root / f"step-{step:08d}"
     tmp = root / f".step-{step:08d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
+    with writing():
+        _write_checkpoint(tmp, final, step, model, optimizer, state)
+    with atomic_path(root / "latest") as t:
+        t.write_text(final.name)
+    for old in sorted(root.glob("step-*"))[:-KEEP_CHECKPOINTS]:
+        shutil.rmtree(old)
+    return final
+
+
+def _write_checkpoint(
+    tmp: Path, final: Path, step: int, model: ScGPT, optimizer: torch.optim.Optimizer, state: dict
+) -> None:
     tmp.mkdir(parents=True)
     try:
         save_file(_contiguous(model.state_dict()), tmp / "model.safetensors")
@@ -171,11 +183,6 @@ def save_checkpoint(
     except BaseException:  # interrupted or a full disk: the latest complete one stays latest
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    with atomic_path(root / "latest") as t:
-        t.write_text(final.name)
-    for old in sorted(root.glob("step-*"))[:-KEEP_CHECKPOINTS]:
-        shutil.rmtree(old)
-    return final
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from scgpt_runtime.errors import InputError
-from scgpt_runtime.io.write import atomic_path
+from scgpt_runtime.io.atomic import atomic_path
 from scgpt_runtime.knn import VOTES
 
 from .calibration import expected_calibration_error

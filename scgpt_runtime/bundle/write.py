@@ -8,9 +8,7 @@ to evaluation.json, so the bundle's identity (the sha256 of config.json) never c
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,7 +17,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from ..errors import OutputError
-from ..io.write import atomic_path
+from ..io.atomic import atomic_dir, atomic_path, exchange, new_file_mode, writing
 from ..tokens import TokenConfig, input_specs
 from ..vocab import GENE, Vocab
 from .format import (
@@ -98,10 +96,22 @@ def write_bundle(
         if not labels or not calibration.get("temperature", 0) > 0:
             raise ValueError("a calibration needs a cell-type head and a positive temperature")
         config = {**config, "calibration": dict(calibration)}
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    try:
-        umask = _umask()
-        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it owner-only
+    with writing():
+        _write_files(out, config, vocab, labels, gene_panel, variants)
+    return out
+
+
+def _write_files(
+    out: Path,
+    config: dict[str, Any],
+    vocab: Vocab,
+    labels: Sequence[str] | None,
+    gene_panel: Sequence[str] | None,
+    variants: Sequence[Variant],
+) -> None:
+    """The bundle's files in a hidden folder beside `out`, put in place when complete (an old
+    bundle at `out` is swapped out in one step, then deleted with the folder)."""
+    with atomic_dir(out) as tmp:
         _save_strings(tmp / VOCAB_FILE, vocab, labels, gene_panel)
         moved: dict[Path, Path] = {}
         for v in variants:
@@ -115,12 +125,8 @@ def write_bundle(
         }
         (tmp / CONFIG_FILE).write_text(config_text(config))
         for p in tmp.iterdir():
-            p.chmod(0o666 & ~umask)  # safetensors and mkstemp make owner-only files
-        _replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+            p.chmod(new_file_mode())
+        exchange(tmp, out)
 
 
 def record_evaluation(path: str | Path, entry: Mapping[str, Any]) -> None:
@@ -214,20 +220,3 @@ def _save_strings(
     if gene_panel is not None:
         tensors["gene_panel"] = np.array([vocab[g] for g in gene_panel], dtype=np.int64)
     save_file(tensors, path)
-
-
-def _umask() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
-
-
-def _replace(tmp: Path, out: Path) -> None:
-    """Rename the finished `tmp` to `out`; an existing `out` is moved aside first, then deleted."""
-    old = None
-    if out.exists():
-        old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".old"))
-        out.rename(old / out.name)
-    tmp.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

@@ -1,6 +1,6 @@
 """Writing results into .h5ad files that anndata reads: obs columns, obsm arrays and uns entries.
 
-Every write goes to a temporary file beside the destination, then `os.replace`, so an interrupted
+Every write goes to a temporary file beside the destination (io.atomic), so an interrupted
 run never leaves a half-written file, even when writing in place. Encodings follow anndata's
 on-disk spec (https://anndata.readthedocs.io/en/latest/fileformat-prose.html): dataframe 0.2.0
 files get `categorical` groups; the older dataframe 0.1.0 files (anndata 0.7) get codes with a
@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -20,9 +18,10 @@ import h5py
 import numpy as np
 
 from ..errors import InputError, OutputError
+from .atomic import atomic_path
 from .base import CountMatrix
 
-__all__ = ["add_to_h5ad", "atomic_path", "write_new_h5ad"]
+__all__ = ["add_to_h5ad", "write_new_h5ad"]
 
 _STR = h5py.string_dtype()  # variable-length UTF-8, what anndata writes for strings
 
@@ -48,12 +47,26 @@ def add_to_h5ad(
     dataframe_version, n_obs, index_key = _obs_layout(src)
     _check_sizes(n_obs, obs, obsm)
     _check_obs_names(dst, obs, index_key)
-    with atomic_path(dst, copy_of=src) as tmp, h5py.File(tmp, "r+") as h5:
+    with atomic_path(dst, copy_of=src) as tmp, _damage_in(src), h5py.File(tmp, "r+") as h5:
         for name, values in obs.items():
             _set_obs_column(h5["obs"], name, values, dataframe_version)
         _write_entries(_dict_group(h5, "obsm"), obsm)
         _write_entries(_dict_group(h5, "uns"), uns)
     return dst
+
+
+@contextlib.contextmanager
+def _damage_in(src: Path) -> Iterator[None]:
+    """HDF5's errors while editing a copy of `src` are damage in `src` (an InputError), except
+    those of the operating system (a full disk: an OSError with an errno, for atomic_path)."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno:
+            raise
+        raise InputError(f"{src}: damaged or malformed file: cannot add results to it ({e})") from e
+    except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as e:
+        raise InputError(f"{src}: damaged or malformed file: cannot add results to it ({e})") from e
 
 
 def write_new_h5ad(
@@ -136,48 +149,6 @@ def _check_target(dst: Path, src: Path | None, overwrite: bool) -> None:
     if dst.exists() and not os.access(dst, os.W_OK):
         # The folder may allow the rename, but a read-only file says "do not change me".
         raise OutputError(f"{dst}: is read-only; write the results to another file")
-
-
-@contextlib.contextmanager
-def atomic_path(dst: Path, copy_of: Path | None = None) -> Iterator[Path]:
-    """A temporary file beside `dst` (a copy of `copy_of`) that replaces `dst` only on success."""
-    try:
-        fd, name = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
-    except OSError as e:
-        raise OutputError(f"{dst}: cannot write in {dst.parent} ({e.strerror})") from e
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        mode = _mode_for(dst)
-        if copy_of is not None:
-            shutil.copyfile(copy_of, tmp)
-        yield tmp
-        tmp.chmod(mode)
-        _fsync(tmp)
-        tmp.replace(dst)  # os.replace: atomic on POSIX and Windows
-    except OSError as e:
-        raise OutputError(f"{dst}: cannot write ({e})") from e
-    finally:
-        tmp.unlink(missing_ok=True)
-    with contextlib.suppress(OSError):  # the rename's durability; not every filesystem allows it
-        _fsync(dst.parent)
-
-
-def _mode_for(dst: Path) -> int:
-    """The permissions `dst` has, or those a new file gets (mkstemp's are owner-only)."""
-    if dst.exists():
-        return dst.stat().st_mode & 0o7777
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # What the source file looks like

@@ -14,7 +14,7 @@ import pytest
 import scipy.sparse as sp
 
 from scgpt_runtime.errors import OutputError
-from scgpt_runtime.io import open_counts, write
+from scgpt_runtime.io import atomic, open_counts, write
 from scgpt_runtime.io.arrays import ArrayCounts
 from scgpt_runtime.io.write import add_to_h5ad, write_new_h5ad
 
@@ -240,10 +240,10 @@ def _interrupt(*args, **kwargs):
     raise KeyboardInterrupt
 
 
-@pytest.mark.parametrize("step", ["_write_entries", "_fsync"])
-def test_interrupted_write_keeps_original(csr_file: Path, monkeypatch, step: str):
+@pytest.mark.parametrize(("module", "step"), [(write, "_write_entries"), (atomic, "_fsync")])
+def test_interrupted_write_keeps_original(csr_file: Path, monkeypatch, module, step: str):
     before_bytes = csr_file.read_bytes()
-    monkeypatch.setattr(write, step, _interrupt)
+    monkeypatch.setattr(module, step, _interrupt)
     obs, obsm, uns = results(30)
     with pytest.raises(KeyboardInterrupt):
         add_to_h5ad(csr_file, obs=obs, obsm=obsm, uns=uns)
@@ -299,7 +299,7 @@ def test_unwritable_folder_reported(csr_file: Path, tmp_path: Path, monkeypatch)
     def refuse(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(write.tempfile, "mkstemp", refuse)
+    monkeypatch.setattr(atomic.tempfile, "mkstemp", refuse)
     with pytest.raises(OutputError, match=r"out.h5ad: cannot write in .* \(Permission denied\)$"):
         add_to_h5ad(csr_file, tmp_path / "out.h5ad", obs={"c": np.ones(30)})
 
