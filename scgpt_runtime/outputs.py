@@ -30,7 +30,7 @@ import numpy as np
 
 from .errors import InputError, OutputError
 from .io import open_counts
-from .io.atomic import atomic_path
+from .io.atomic import atomic_path, temp_prefix
 from .io.write import add_to_h5ad, extensible, write_new_h5ad
 from .results import Result
 
@@ -83,7 +83,7 @@ def check_output(out: Path, *, overwrite: bool, source: Path | None = None) -> N
 def writable(out: Path) -> None:
     """OutputError unless a file can be created beside `out` (permissions, read-only disks)."""
     try:
-        fd, name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".probe")
+        fd, name = tempfile.mkstemp(dir=out.parent, prefix=temp_prefix(out), suffix=".probe")
     except OSError as e:
         raise OutputError(f"{out}: cannot write in {out.parent} ({e.strerror})") from e
     os.close(fd)
@@ -119,7 +119,7 @@ def write(
         return out
     if kind == "npy":
         with atomic_path(out) as tmp, tmp.open("wb") as f:
-            np.save(f, result.embedding)
+            _save_npy(f, result.embedding)
         return out
     if kind in ("h5ad", "inplace"):
         obs = {} if ann is None else _annotation_columns(ann, top_k, prefix)
@@ -373,3 +373,11 @@ def _read_part(path: Path) -> dict[str, Any]:
         raise InputError(f"{path}: not a readable part file ({e})") from e
     except (KeyError, ValueError) as e:
         raise InputError(f"{path}: damaged part file ({e!r})") from e
+
+
+def _save_npy(f: IO[bytes], array: np.ndarray) -> None:
+    """np.save's format, written through Python: np.save's tofile loses a short write (a full
+    disk) without an error."""
+    array = np.ascontiguousarray(array)
+    np.lib.format.write_array_header_1_0(f, np.lib.format.header_data_from_array_1_0(array))
+    f.write(array.data)

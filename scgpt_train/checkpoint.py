@@ -30,7 +30,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from scgpt_runtime.errors import InputError, OutputError
-from scgpt_runtime.io.atomic import atomic_path, writing
+from scgpt_runtime.io.atomic import atomic_path, output_errors, writing
 from scgpt_runtime.tokens import TokenConfig
 from scgpt_runtime.vocab import Vocab
 
@@ -158,8 +158,9 @@ def save_checkpoint(
     root = run_dir / "checkpoints"
     final = root / f"step-{step:08d}"
     tmp = root / f".step-{step:08d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    with writing():
+    for stale in root.glob(".step-*.tmp"):  # a killed write's (one trainer writes a run)
+        shutil.rmtree(stale, ignore_errors=True)
+    with writing(), output_errors(final):
         _write_checkpoint(tmp, final, step, model, optimizer, state)
     with atomic_path(root / "latest") as t:
         t.write_text(final.name)
@@ -206,6 +207,20 @@ def load_checkpoint(
     return state
 
 
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """The rows of RUN/metrics.jsonl; a last line cut short by a killed process is left out."""
+    path = Path(run_dir) / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            if i < len(lines) - 1:
+                raise InputError(f"{path}: line {i + 1} is not JSON") from None
+    return rows
+
+
 class MetricsLog:
     """RUN/metrics.jsonl, the one writer of every trainer: one JSON object per line, flushed as
     it is written. `resume_step` keeps the rows up to that step (a resumed run repeats the
@@ -214,9 +229,8 @@ class MetricsLog:
     def __init__(self, run_dir: Path, resume_step: int | None = None):
         self.path = Path(run_dir) / "metrics.jsonl"
         kept = []
-        if resume_step is not None and self.path.exists():
-            rows = [json.loads(line) for line in self.path.read_text().splitlines() if line]
-            kept = [r for r in rows if r.get("step", 0) <= resume_step]
+        if resume_step is not None:
+            kept = [r for r in read_metrics(run_dir) if r.get("step", 0) <= resume_step]
         with atomic_path(self.path) as tmp:
             tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
         self._file = self.path.open("a")

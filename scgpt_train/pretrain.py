@@ -37,6 +37,7 @@ from .checkpoint import (
     load_checkpoint,
     new_run_dir,
     read_json,
+    read_metrics,
     save_checkpoint,
     save_run,
     write_json,
@@ -218,20 +219,19 @@ def pretrain(cfg: PretrainConfig, progress: Callable[..., None] | None = None) -
     model = ScGPT(model_cfg).to(d.device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     step, position = 0, Position()
+    info = RunInfo(model_cfg, tok_cfg, vocab, train=asdict(cfg), provenance=provenance(paths))
     if cfg.resume:
         state = load_checkpoint(out, model, optimizer)
         if state is None:
             raise InputError(f"{out}: holds no checkpoint to --resume from")
         step, position = state["step"], Position(**state["position"])
         if step >= cfg.max_steps:
-            log.info("%s is complete (step %d of %d): nothing to resume", out, step, cfg.max_steps)
+            last = _finish(out, model, info, step) if d.main else {"step": step}
             distributed.teardown(d)
-            summary = out / "summary.json"
-            return read_json(summary, what="run") if summary.exists() else {"step": step}
+            return last
         log.info("resuming %s at step %d", out, step)
     elif d.main:
         new_run_dir(out, cfg.overwrite)
-    info = RunInfo(model_cfg, tok_cfg, vocab, train=asdict(cfg), provenance=provenance(paths))
     if d.main:
         save_run(out, model, info)
     net = DistributedDataParallel(_Generative(model)) if d.world > 1 else _Generative(model)
@@ -278,6 +278,21 @@ def pretrain(cfg: PretrainConfig, progress: Callable[..., None] | None = None) -
         write_json(out / "summary.json", last)
         log.info("done: %d steps, %s; run in %s", step, _brief(last), out)
     distributed.teardown(d)
+    return last
+
+
+def _finish(out: Path, model: ScGPT, info: RunInfo, step: int) -> dict[str, Any]:
+    """A run resumed at its last step: complete already, or stopped between its last
+    checkpoint and its final weights, which are then written from that checkpoint."""
+    summary = out / "summary.json"
+    if summary.exists():
+        log.info("%s is complete (step %d): nothing to resume", out, step)
+        return read_json(summary, what="run")
+    rows = [r for r in read_metrics(out) if r.get("step") == step and "loss" in r]
+    last = rows[-1] if rows else {"step": step}
+    save_run(out, model, info)
+    write_json(summary, last)
+    log.info("%s: finished from its last checkpoint (step %d)", out, step)
     return last
 
 

@@ -24,9 +24,20 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+from safetensors import SafetensorError
+
 from ..errors import OutputError, Terminated
 
-__all__ = ["atomic_dir", "atomic_path", "exchange", "new_file_mode", "remove_stale", "writing"]
+__all__ = [
+    "atomic_dir",
+    "atomic_path",
+    "exchange",
+    "new_file_mode",
+    "output_errors",
+    "remove_stale",
+    "temp_prefix",
+    "writing",
+]
 
 _HOST = socket.gethostname().replace("/", "_")
 _RENAME_EXCHANGE = 2  # linux/fs.h: swap two paths in one step
@@ -67,15 +78,14 @@ def _atomic_path(dst: Path, copy_of: Path | None) -> Iterator[Path]:
     os.close(fd)
     tmp = Path(name)
     try:
-        mode = _mode_for(dst)
-        if copy_of is not None:
-            shutil.copyfile(copy_of, tmp)
-        yield tmp
-        tmp.chmod(mode)
-        _fsync(tmp)
-        tmp.replace(dst)  # os.replace: atomic on POSIX and Windows
-    except OSError as e:
-        raise OutputError(f"{dst}: cannot write ({e})") from e
+        with output_errors(dst):
+            mode = _mode_for(dst)
+            if copy_of is not None:
+                shutil.copyfile(copy_of, tmp)
+            yield tmp
+            tmp.chmod(mode)
+            _fsync(tmp)
+            tmp.replace(dst)  # os.replace: atomic on POSIX and Windows
     finally:
         tmp.unlink(missing_ok=True)
     with contextlib.suppress(OSError):  # the rename's durability; not every filesystem allows it
@@ -87,12 +97,28 @@ def atomic_dir(dst: Path, suffix: str = ".tmp") -> Iterator[Path]:
     """A temporary folder beside `dst`, removed on the way out (the caller renames or exchanges
     it into place when complete); made with the permissions of a new folder."""
     remove_stale(dst)
-    tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=temp_prefix(dst), suffix=suffix))
+    with output_errors(dst):
+        tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=temp_prefix(dst), suffix=suffix))
     try:
-        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it owner-only
-        yield tmp
+        with output_errors(dst):
+            tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it owner-only
+            yield tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def output_errors(dst: Path) -> Iterator[None]:
+    """The operating system's refusals while writing `dst` (a full disk, a file too large, no
+    permission) as one OutputError; safetensors reports them as its own error."""
+    try:
+        yield
+    except OSError as e:
+        raise OutputError(f"{dst}: cannot write ({e})") from e
+    except SafetensorError as e:
+        if "I/O error" not in str(e):
+            raise
+        raise OutputError(f"{dst}: cannot write ({e})") from e
 
 
 def exchange(new: Path, dst: Path) -> None:
@@ -137,6 +163,7 @@ def _libc() -> ctypes.CDLL | None:
 
 
 def temp_prefix(dst: Path) -> str:
+    """The start of the name of every temporary file or folder of `dst` (remove_stale)."""
     return f".{dst.name}.{_HOST}-{os.getpid()}."
 
 

@@ -10,7 +10,7 @@ import h5py
 import numpy as np
 
 from ..csr import CsrBlock
-from ..errors import InputError
+from ..errors import InputError, ScgptError
 
 # What h5py and HDF5 raise for a damaged or malformed file, depending on where the damage is.
 HDF5_ERRORS = (OSError, RuntimeError, KeyError, ValueError, TypeError, IndexError)
@@ -22,7 +22,7 @@ def damaged(path: Path, what: str) -> Iterator[None]:
     names the file and what was being read."""
     try:
         yield
-    except InputError:
+    except ScgptError:
         raise
     except HDF5_ERRORS as e:
         detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

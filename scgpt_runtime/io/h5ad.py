@@ -16,7 +16,7 @@ import h5py
 import numpy as np
 
 from ..csr import CsrBlock
-from ..errors import InputError
+from ..errors import InputError, OutputError
 from .base import CountMatrix, damaged, row_extent
 from .chunks import read_range
 from .h5ad_elements import Frame, encoding, open_frame, reading
@@ -223,7 +223,13 @@ def _csc_blocks(
         spill = [
             [Path(tmp) / f"{i}.{part}" for part in ("row", "col", "value")] for i in bounds[:-1]
         ]
-        _spill_buckets(g, indptr, n_rows, bounds, spill)
+        try:
+            _spill_buckets(g, indptr, n_rows, bounds, spill)
+        except OSError as e:  # the disk of the temporary files, not the input
+            raise OutputError(
+                f"{tmp}: no room for the temporary files of a CSC transpose ({e.strerror}); "
+                "set TMPDIR to a larger disk"
+            ) from e
         for i, files in enumerate(spill):
             entries = [_take_file(file, dtype) for file, dtype in zip(files, _SPILLED, strict=True)]
             yield from _bucket_blocks(*entries, bounds[i], bounds[i + 1], n_cols, block_size)
@@ -242,8 +248,8 @@ def _spill_buckets(
         ends = np.cumsum(np.bincount(bucket, minlength=len(spill)))
         for i in np.flatnonzero(np.diff(ends, prepend=0)):
             for file, part in zip(spill[i], entries, strict=True):
-                with file.open("ab") as f:
-                    part[ends[i - 1] if i else 0 : ends[i]].tofile(f)
+                with file.open("ab") as f:  # not tofile: it loses a short write silently
+                    f.write(np.ascontiguousarray(part[ends[i - 1] if i else 0 : ends[i]]).data)
 
 
 def _csc_entries(

@@ -47,7 +47,8 @@ Examples:
 @click.option(
     "--record",
     is_flag=True,
-    help="With --bundle: store the metrics in the bundle's config.json (its model card data).",
+    help="With --bundle: store the metrics in the bundle's evaluation.json (its model card "
+    "data; config.json and the bundle's identity stay as they are).",
 )
 @click.option("--data", multiple=True, required=True, help="Labelled cells; repeatable.")
 @click.option("--label-key", required=True, help="obs column with the true labels.")

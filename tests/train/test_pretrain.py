@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import scgpt_train.pretrain as pretrain_mod
 from scgpt_runtime.tokens import TokenBlock
@@ -129,6 +129,27 @@ def test_resume_repeats_the_uninterrupted_run(shared_data, tmp_path, monkeypatch
     b = load_file(tmp_path / "cut" / "model.safetensors")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_a_run_killed_after_its_last_checkpoint_is_finished_by_resume(shared_data, tmp_path):
+    """SIGKILL between the last checkpoint and the final weights (found by
+    tools/fault_writes.py): --resume writes the final weights and summary from that checkpoint
+    instead of calling the run complete; a metrics line cut short by the kill is left out."""
+    pretrain(config(shared_data, tmp_path, "whole"))
+    run = tmp_path / "whole"
+    final, summary = load_file(run / "model.safetensors"), json.loads(
+        (run / "summary.json").read_text()
+    )
+    (run / "summary.json").unlink()
+    torch.manual_seed(0)
+    initial = {k: torch.randn_like(v) for k, v in final.items()}
+    save_file(initial, run / "model.safetensors")  # what RUN holds until the end
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 8, "lo')
+    pretrain(config(shared_data, tmp_path, "whole", resume=True))
+    for k, v in load_file(run / "model.safetensors").items():
+        assert torch.equal(v, final[k]), k
+    assert json.loads((run / "summary.json").read_text())["loss"] == summary["loss"]
 
 
 def test_cli_pretrain_json_and_bad_inputs(shared_data, tmp_path):
