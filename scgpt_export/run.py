@@ -22,7 +22,7 @@ from scgpt_runtime.bundle import (
     write_bundle,
 )
 from scgpt_runtime.errors import InputError
-from scgpt_runtime.io.atomic import atomic_dir, writing
+from scgpt_runtime.io.atomic import atomic_dir, output_errors, writing
 from scgpt_runtime.session import PROVIDERS
 from scgpt_train.checkpoint import RunInfo, command_line, created, load_run
 from scgpt_train.model import MASK_BIAS
@@ -103,7 +103,7 @@ def export_run(
     log.info("lengths served: %s", ", ".join(map(str, lengths)))
 
     # SIGTERM removes the scratch folder and any half-written bundle
-    with writing(), atomic_dir(out, suffix=".export") as scratch:
+    with writing(), atomic_dir(out, suffix=".export") as scratch, output_errors(out):
         t0 = time.perf_counter()
         fp32 = export_onnx(
             model,

@@ -28,6 +28,7 @@ from .engine import BLOCK_SIZE, Model, Progress, label_cells, match_bundle_genes
 from .errors import BundleError, OutputError
 from .genes import MIN_GENE_FRACTION
 from .io import open_counts
+from .io.atomic import atomic_dir
 from .io.probe import probe
 from .obs import obs_strings, parse_where, selected
 from .results import Result
@@ -185,8 +186,8 @@ def serve(
             else:
                 options["raw"] = raw
             settings = _settings(command, file, counts, served, match, options)
-            folder = out.parent if out is not None else file.parent if inplace else None
-            with _embedding_buffer(stop - start, served.d_model, folder) as buffer:
+            target = out if out is not None else file if inplace else None
+            with _embedding_buffer(stop - start, served.d_model, target) as buffer:
                 t_run = time.perf_counter()
                 result = run(
                     served,
@@ -277,13 +278,15 @@ def _summary(
 
 
 @contextlib.contextmanager
-def _embedding_buffer(n: int, d: int, folder: Path | None) -> Iterator[np.ndarray | None]:
+def _embedding_buffer(n: int, d: int, target: Path | None) -> Iterator[np.ndarray | None]:
     """None (the engine allocates in memory) for small outputs; for outputs over
-    SPILL_BYTES a memory-mapped .npy in `folder`, deleted afterwards: memory stays bounded."""
+    SPILL_BYTES a memory-mapped .npy beside the output `target` (else in TMPDIR), deleted
+    afterwards (or by the next run, if this one is killed): memory stays bounded."""
     if n * d * 4 <= SPILL_BYTES:
         yield None
         return
-    with tempfile.TemporaryDirectory(dir=folder, prefix=".scgpt-embedding.") as tmp:
+    spill = atomic_dir(target, ".embedding") if target else tempfile.TemporaryDirectory()
+    with spill as tmp:
         buffer = np.lib.format.open_memmap(
             Path(tmp) / "embedding.npy", mode="w+", dtype=np.float32, shape=(n, d)
         )

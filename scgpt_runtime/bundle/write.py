@@ -17,7 +17,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from ..errors import OutputError
-from ..io.atomic import atomic_dir, atomic_path, exchange, new_file_mode, writing
+from ..io.atomic import atomic_dir, atomic_path, exchange, new_file_mode, output_errors, writing
 from ..tokens import TokenConfig, input_specs
 from ..vocab import GENE, Vocab
 from .format import (
@@ -111,7 +111,7 @@ def _write_files(
 ) -> None:
     """The bundle's files in a hidden folder beside `out`, put in place when complete (an old
     bundle at `out` is swapped out in one step, then deleted with the folder)."""
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out) as tmp, output_errors(out):
         _save_strings(tmp / VOCAB_FILE, vocab, labels, gene_panel)
         moved: dict[Path, Path] = {}
         for v in variants:

@@ -99,10 +99,9 @@ def atomic_dir(dst: Path, suffix: str = ".tmp") -> Iterator[Path]:
     remove_stale(dst)
     with output_errors(dst):
         tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=temp_prefix(dst), suffix=suffix))
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it owner-only
     try:
-        with output_errors(dst):
-            tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it owner-only
-            yield tmp
+        yield tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

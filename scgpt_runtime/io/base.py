@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import cached_property
 from pathlib import Path
 
 import h5py
@@ -40,11 +41,20 @@ class CountMatrix:
     n_cells: int
     n_genes: int
     var: dict[str, np.ndarray]  # gene identifier columns (str arrays); the var index as "index"
-    obs_names: np.ndarray  # (n_cells,) str: cell barcodes
 
     def __init__(self, path: Path, h5: h5py.File):
         self.path = path
         self.h5 = h5
+
+    @cached_property
+    def obs_names(self) -> np.ndarray:
+        """(n_cells,) str: the cell barcodes, read when first needed (a look at the header of a
+        file of millions of cells stays small)."""
+        with damaged(self.path, "the cell names"):
+            return self._read_obs_names()
+
+    def _read_obs_names(self) -> np.ndarray:
+        raise NotImplementedError
 
     @property
     def obs_columns(self) -> list[str]:
@@ -85,12 +95,29 @@ def _check_values(block: CsrBlock, path: Path, matrix: str) -> None:
         raise InputError(f"{path}: {matrix} holds negative values; counts must be >= 0")
 
 
-def row_extent(indptr: np.ndarray, n_values: int, path: Path, where: str) -> tuple[int, int]:
-    """(first, last) value offsets of the rows an indptr slice spans, checked: it must not
-    decrease nor point outside the `n_values` stored values (a damaged or forged file)."""
+def row_extent(
+    indptr: np.ndarray,
+    n_values: int,
+    row_length: int,
+    path: Path,
+    where: str,
+    first: int = 0,
+    nouns: tuple[str, str] = ("cell", "gene"),
+) -> tuple[int, int]:
+    """(first, last) value offsets of the rows an indptr slice spans (rows `first`..., `nouns`
+    name rows and columns), checked: it must not decrease, give a row more values than its
+    `row_length` columns (what bounds a block's memory), nor point outside the `n_values`
+    stored values (a damaged or forged file)."""
     a, b = int(indptr[0]), int(indptr[-1])
-    if np.any(indptr[1:] < indptr[:-1]):
+    sizes = np.diff(indptr)
+    if np.any(sizes < 0):
         raise InputError(f"{path}: {where} decreases")
+    if len(sizes) and sizes.max() > row_length:
+        i = int(sizes.argmax())
+        raise InputError(
+            f"{path}: {where}: {nouns[0]} {first + i} has {int(sizes[i])} values, more than "
+            f"the {row_length} {nouns[1]}s of the file"
+        )
     if a < 0 or b > n_values:
         raise InputError(f"{path}: {where} points at values {a}-{b} of {n_values} stored")
     return a, b

@@ -59,8 +59,11 @@ class H5adMatrix(CountMatrix):
         self.var = _gene_columns(var, self.n_genes)
         self._check_length(var_key, len(self.var["index"]), self.n_genes, "columns")
         self._obs = open_frame(h5, "obs")
-        self.obs_names = _numbered(self.n_cells) if self._obs is None else self._obs.index()
-        self._check_length("obs", len(self.obs_names), self.n_cells, "rows")
+        n_obs = self.n_cells if self._obs is None else self._obs.index_length()
+        self._check_length("obs", n_obs, self.n_cells, "rows")
+
+    def _read_obs_names(self) -> np.ndarray:
+        return _numbered(self.n_cells) if self._obs is None else self._obs.index()
 
     @property
     def obs_columns(self) -> list[str]:
@@ -173,7 +176,7 @@ def _csr_blocks(
         indptr = indptr_ds[r0 : r1 + 1].astype(np.int64)
         where = f"{g.name.lstrip('/')}/indptr of cells {r0}-{r1}"
         stored = min(len(data_ds), len(indices_ds))
-        lo, hi = row_extent(indptr, stored, Path(g.file.filename), where)
+        lo, hi = row_extent(indptr, stored, n_cols, Path(g.file.filename), where, r0)
         indptr -= lo
         indices = read_range(indices_ds, lo, hi, np.int64)
         data = read_range(data_ds, lo, hi, np.float32)
@@ -213,7 +216,8 @@ def _csc_blocks(
             f"entries for {n_cols} columns"
         )
     stored = min(len(g["data"]), len(g["indices"]))
-    row_extent(indptr, stored, Path(g.file.filename), f"{g.name.lstrip('/')}/indptr")
+    where = f"{g.name.lstrip('/')}/indptr"
+    row_extent(indptr, stored, n_rows, Path(g.file.filename), where, nouns=("gene", "cell"))
     if indptr[-1] <= CSC_BUCKET_NNZ:  # one bucket, never spilled
         entries = _csc_entries(g, indptr, 0, n_cols, n_rows, start, stop)
         yield from _bucket_blocks(*entries, start, stop, n_cols, block_size)

@@ -153,6 +153,14 @@ class GroupFrame:
     def index(self) -> np.ndarray:
         return as_text(read_column(self._element(self._index_key)))
 
+    def index_length(self) -> int:
+        """The number of rows, without reading the index."""
+        elem = self._element(self._index_key)
+        with reading(elem):
+            if isinstance(elem, h5py.Dataset) and elem.ndim == 1:
+                return len(elem)
+        return len(self.index())  # an index in another form: read it (and its errors)
+
     def read(self, name: str) -> np.ndarray:
         return read_column(self._element(name))
 
@@ -183,6 +191,9 @@ class LegacyFrame:
     def index(self) -> np.ndarray:
         with reading(self.ds):
             return as_text(self._field(self._index_key))
+
+    def index_length(self) -> int:
+        return len(self.ds) if self.ds.ndim == 1 else len(self.index())
 
     def read(self, name: str) -> np.ndarray:
         with reading(self.ds):

@@ -59,7 +59,8 @@ class TenxMatrix(CountMatrix):
                 "name": _strings(path, group, "gene_names", n_features),
             }
             keep = None
-        self.obs_names = _strings(path, group, "barcodes", n_cells)
+        _check_strings(path, group["barcodes"], n_cells)
+        self._barcodes = group["barcodes"]
         self._data, self._indices, self._indptr = group["data"], group["indices"], group["indptr"]
         _check_parts(path, group, n_cells)
         self._n_features = n_features
@@ -72,12 +73,18 @@ class TenxMatrix(CountMatrix):
         self.n_cells = n_cells
         self.n_genes = len(var["id"])
 
+    def _read_obs_names(self) -> np.ndarray:
+        return _read_strings(self.path, self._barcodes)
+
     def _blocks(self, block_size: int, start: int, stop: int) -> Iterator[CsrBlock]:
         for lo in range(start, stop, block_size):
             hi = min(lo + block_size, stop)
             indptr = self._indptr[lo : hi + 1].astype(np.int64)
             where = f"{self.matrix}/indptr of cells {lo}-{hi}"
-            a, b = row_extent(indptr, min(len(self._data), len(self._indices)), self.path, where)
+            stored = min(len(self._data), len(self._indices))
+            a, b = row_extent(
+                indptr, stored, self._n_features, self.path, where, lo, ("cell", "feature")
+            )
             indptr -= a
             data = read_range(self._data, a, b, np.float32)
             indices = read_range(self._indices, a, b, np.int64)
@@ -174,11 +181,19 @@ def _check_parts(path: Path, group: h5py.Group, n_cells: int) -> None:
 def _strings(path: Path, group: h5py.Group, name: str, n: int) -> np.ndarray:
     """A string dataset of `n` entries as a str array."""
     ds = group[name]
+    _check_strings(path, ds, n)
+    return _read_strings(path, ds)
+
+
+def _check_strings(path: Path, ds: h5py.Dataset, n: int) -> None:
     if h5py.check_string_dtype(ds.dtype) is None or ds.shape != (n,):
         raise InputError(
             f"{path}: 10x {ds.name.lstrip('/')} should hold {n} strings "
             f"(found {ds.dtype}, shape {ds.shape})"
         )
+
+
+def _read_strings(path: Path, ds: h5py.Dataset) -> np.ndarray:
     # errors="replace": some writers flag UTF-8 bytes as ASCII; a name is still better than a crash.
     names = np.asarray(ds.asstr(encoding="utf-8", errors="replace")[()], dtype=str)
     try:

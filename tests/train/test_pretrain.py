@@ -137,8 +137,9 @@ def test_a_run_killed_after_its_last_checkpoint_is_finished_by_resume(shared_dat
     instead of calling the run complete; a metrics line cut short by the kill is left out."""
     pretrain(config(shared_data, tmp_path, "whole"))
     run = tmp_path / "whole"
-    final, summary = load_file(run / "model.safetensors"), json.loads(
-        (run / "summary.json").read_text()
+    final, summary = (
+        load_file(run / "model.safetensors"),
+        json.loads((run / "summary.json").read_text()),
     )
     (run / "summary.json").unlink()
     torch.manual_seed(0)
