@@ -154,20 +154,7 @@ def make_case(
             return None
         commands = [
             (["info", str(path), "--json"], path, None),
-            (
-                [
-                    "annotate",
-                    str(cells),
-                    "--model",
-                    str(path),
-                    "--min-gene-fraction",
-                    "0",
-                    "--out",
-                    f"{out}.csv",
-                ],
-                path,
-                Path(f"{out}.csv"),
-            ),
+            _annotate(cells, out, path, "--model", str(path)),
         ]
         src = BUNDLE
     else:  # a reference
@@ -177,25 +164,16 @@ def make_case(
             return None
         commands = [
             (["reference", "info", str(path), "--json"], path, None),
-            (
-                [
-                    "annotate",
-                    str(cells),
-                    "--model",
-                    str(BUNDLE),
-                    "--reference",
-                    str(path),
-                    "--min-gene-fraction",
-                    "0",
-                    "--out",
-                    f"{out}.csv",
-                ],
-                path,
-                Path(f"{out}.csv"),
-            ),
+            _annotate(cells, out, path, "--model", str(BUNDLE), "--reference", str(path)),
         ]
         src = reference
     return {"name": f"{i}: {kind} {src.name}: {mutation}", "kind": kind, "commands": commands}
+
+
+def _annotate(cells: Path, out: Path, broken: Path, *options: str) -> tuple:
+    """annotate CELLS with a broken bundle or reference: (arguments, input, output)."""
+    args = ["annotate", str(cells), *options, "--min-gene-fraction", "0", "--out", f"{out}.csv"]
+    return args, broken, Path(f"{out}.csv")
 
 
 def digest(path: Path) -> str:
