@@ -51,3 +51,19 @@ def test_the_generated_seeds_are_read_whole(shared_data, tmp_path, layout):
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     assert len((tmp_path / "o.csv").read_text().splitlines()) == 61
+
+
+def test_a_10x_file_with_a_damaged_b_tree_is_one_error_line(shared_data, tmp_path):
+    """The defect the issue found: h5py's RuntimeError "incorrect B-tree node type" from a
+    link check, a traceback with exit 1 before; now exit 3 naming the file."""
+    seed = next(p for p in make_seeds(tmp_path) if p.name == "liao-v3.h5")
+    data = bytearray(seed.read_bytes())
+    data[data.index(b"TREE") + 4] = 7  # the node type: neither 0 (a group's) nor 1 (chunks')
+    broken = tmp_path / "broken.h5"
+    broken.write_bytes(bytes(data))
+    result = CliRunner().invoke(cli, ["inspect", str(broken), "--json"])
+    assert result.exit_code == 3
+    assert result.stderr.strip() == (
+        f"Error: {broken}: damaged or malformed file: cannot read its layout (Unable to "
+        "synchronously check link existence (incorrect B-tree node type))"
+    )
