@@ -66,14 +66,19 @@ def make_seeds(workdir: Path) -> list[Path]:
 
 
 def _liao_v3(dst: Path) -> Path:
-    with h5py.File(LIAO) as f, h5py.File(dst, "w") as g:
-        m, end = f["matrix"], int(f["matrix"]["indptr"][N_CELLS])
+    return first_cells_10x(LIAO, dst, N_CELLS)
+
+
+def first_cells_10x(src: Path, dst: Path, n: int) -> Path:
+    """The first n cells of the 10x v3 file `src`, as a 10x v3 file."""
+    with h5py.File(src) as f, h5py.File(dst, "w") as g:
+        m, end = f["matrix"], int(f["matrix"]["indptr"][n])
         out = g.create_group("matrix")
         f.copy(m["features"], out, "features")
-        out["barcodes"] = m["barcodes"][:N_CELLS]
+        out["barcodes"] = m["barcodes"][:n]
         out["data"], out["indices"] = m["data"][:end], m["indices"][:end]
-        out["indptr"] = m["indptr"][: N_CELLS + 1]
-        out["shape"] = np.array([m["shape"][0], N_CELLS], dtype=m["shape"].dtype)
+        out["indptr"] = m["indptr"][: n + 1]
+        out["shape"] = np.array([m["shape"][0], n], dtype=m["shape"].dtype)
     return dst
 
 
