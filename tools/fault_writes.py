@@ -47,6 +47,11 @@ class Scenario:
     inputs: list[Path] = field(default_factory=list)
     compare: str | None = None  # for a run folder: the file that must equal the new one's
 
+    @property
+    def is_run(self) -> bool:
+        """A training run: judged by what --resume makes of it, not by its files."""
+        return self.compare is not None
+
 
 def scenarios(work: Path, train: bool) -> list[Scenario]:
     data, out, parts = work / "in" / "kang.h5ad", work / "out", sorted((work / "parts").glob("*"))
@@ -350,7 +355,7 @@ def run_scenario(s: Scenario, work: Path, kills: int, timed: int, rng: random.Ra
         raise SystemExit(f"{s.name}: the uninterrupted run failed: {clean.stderr[-2000:]}")
     new, events = digest(s), int(count.read_text())
     final = {}
-    if s.name == "pretrain checkpoints":
+    if s.is_run:
         from safetensors.numpy import load_file
 
         final = load_file(s.target / "model.safetensors")
@@ -392,14 +397,14 @@ def _judge(s, r, fault, old, new, final) -> str | None:
     if "fsize" in fault:
         if (err := one_line_error(r, 6)) is not None:
             return f"full disk: {err}"
-        if s.name != "pretrain checkpoints" and digest(s) != old:
+        if not s.is_run and digest(s) != old:
             return "full disk: the target changed"
-        if s.name != "pretrain checkpoints" and leftovers(s):
+        if not s.is_run and leftovers(s):
             return f"full disk: temporary files left: {leftovers(s)}"
         return None
     if r.returncode != -9:
         return f"killed, yet exit {r.returncode}: {r.stderr[-300:]}"
-    if s.name == "pretrain checkpoints":
+    if s.is_run:
         return check_resume(s, final)
     if digest(s) not in (old, new):
         return "a partial target: neither the old output nor the new"

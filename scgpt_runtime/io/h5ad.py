@@ -171,11 +171,11 @@ def _csr_blocks(
     g: h5py.Group, n_cols: int, block_size: int, start: int, stop: int
 ) -> Iterator[CsrBlock]:
     indptr_ds, indices_ds, data_ds = g["indptr"], g["indices"], g["data"]
+    stored = min(len(data_ds), len(indices_ds))
     for r0 in range(start, stop, block_size):
         r1 = min(r0 + block_size, stop)
         indptr = indptr_ds[r0 : r1 + 1].astype(np.int64)
         where = f"{g.name.lstrip('/')}/indptr of cells {r0}-{r1}"
-        stored = min(len(data_ds), len(indices_ds))
         lo, hi = row_extent(indptr, stored, n_cols, Path(g.file.filename), where, r0)
         indptr -= lo
         indices = read_range(indices_ds, lo, hi, np.int64)

@@ -77,11 +77,11 @@ class TenxMatrix(CountMatrix):
         return _read_strings(self.path, self._barcodes)
 
     def _blocks(self, block_size: int, start: int, stop: int) -> Iterator[CsrBlock]:
+        stored = min(len(self._data), len(self._indices))
         for lo in range(start, stop, block_size):
             hi = min(lo + block_size, stop)
             indptr = self._indptr[lo : hi + 1].astype(np.int64)
             where = f"{self.matrix}/indptr of cells {lo}-{hi}"
-            stored = min(len(self._data), len(self._indices))
             a, b = row_extent(
                 indptr, stored, self._n_features, self.path, where, lo, ("cell", "feature")
             )

@@ -19,7 +19,7 @@ import numpy as np
 
 from ..errors import InputError, OutputError
 from .atomic import atomic_path
-from .base import CountMatrix
+from .base import HDF5_ERRORS, CountMatrix
 
 __all__ = ["add_to_h5ad", "write_new_h5ad"]
 
@@ -61,11 +61,9 @@ def _damage_in(src: Path) -> Iterator[None]:
     those of the operating system (a full disk: an OSError with an errno, for atomic_path)."""
     try:
         yield
-    except OSError as e:
-        if e.errno:
+    except HDF5_ERRORS as e:
+        if isinstance(e, OSError) and e.errno:
             raise
-        raise InputError(f"{src}: damaged or malformed file: cannot add results to it ({e})") from e
-    except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as e:
         raise InputError(f"{src}: damaged or malformed file: cannot add results to it ({e})") from e
 
 
