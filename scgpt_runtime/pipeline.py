@@ -127,13 +127,16 @@ def serve(
     batch_size: int | None = None,
     block_size: int = BLOCK_SIZE,
     overwrite: bool = False,
+    report: str | Path | None = None,
+    color_by: Sequence[str] = (),
     stream: IO[str] | None = None,
     progress: Progress | None = None,
     verbose: bool = False,
 ) -> dict[str, Any]:
     """Run `command` ("annotate" or "embed") on FILE with the bundle `model`; annotate labels
     cells by the bundle's head, or with `reference` by their nearest reference cells
-    (`engine.label_cells`).
+    (`engine.label_cells`). `report`: an HTML report of the run (extra [report]), its map
+    coloured also by the obs columns `color_by`.
 
     Cheap checks come first (output, input file, bundle, reference, gene match), then the cells
     stream through the model. ValueError: options that do not fit together (a usage error);
@@ -147,10 +150,13 @@ def serve(
         outputs.check_output(file, overwrite=True)
     elif out is not None:
         outputs.check_output(out, overwrite=overwrite, source=file)
+    report = check_report(report, color_by, file, overwrite)
     probe(file)
     with open_counts(file, layer=layer, use_raw=use_raw, genome=genome) as counts:
         if kind == "inplace" and counts.format != "h5ad":
             raise OutputError(f"{file}: is a {counts.format} file; --inplace needs an .h5ad file")
+        start, stop = shard.range(counts.n_cells) if shard else (0, counts.n_cells)
+        colors = {key: counts.read_obs(key)[start:stop] for key in color_by}
         bundle = load_bundle(bundle_or_default(model))
         ref = None
         if command == "annotate" and reference is not None:
@@ -165,7 +171,6 @@ def serve(
         match = match_bundle_genes(counts, bundle, gene_column, min_gene_fraction)
         load = {"device": device, "precision": precision, "threads": threads}
         with Model.load(bundle, **load, batch_size=batch_size, verbose=verbose) as served:
-            start, stop = shard.range(counts.n_cells) if shard else (0, counts.n_cells)
             options = {
                 "layer": layer,
                 "use_raw": use_raw,
@@ -215,6 +220,8 @@ def serve(
             summary = _summary(
                 command, file, written, shard, result, match, served, t0, run_seconds
             )
+            if report is not None:
+                summary["report"] = str(_write_report(report, summary, settings, result, colors))
     if summary["n_empty"]:
         log.warning(
             "%s: %d of %d cells have no gene in the model vocabulary (n_genes 0): annotate calls "
@@ -224,6 +231,32 @@ def serve(
             summary["n_cells"],
         )
     return summary
+
+
+def check_report(
+    report: str | Path | None, color_by: Sequence[str], file: Path, overwrite: bool
+) -> Path | None:
+    """The report path, checked before any work (the extra installed, an .html name)."""
+    if report is None:
+        if color_by:
+            raise ValueError("--color-by colours the map of --report: give --report too")
+        return None
+    from .report import require
+
+    require()
+    report = Path(report)
+    if report.suffix.lower() not in (".html", ".htm"):
+        raise ValueError(f"--report {report}: a report is an .html file")
+    outputs.check_output(report, overwrite=overwrite, source=file)
+    return report
+
+
+def _write_report(report: Path, summary, settings, result: Result, colors) -> Path:
+    from .report.serving import colour_values, serving_report
+
+    log.info("writing the report %s", report)
+    shown = {k: colour_values(v) for k, v in colors.items()}
+    return serving_report(summary, settings, result, shown).write(report)
 
 
 def _settings(command, file, counts, model, match, options) -> dict[str, Any]:

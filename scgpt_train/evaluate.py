@@ -12,10 +12,12 @@ import numpy as np
 from scgpt_runtime.errors import InputError
 from scgpt_runtime.io.atomic import atomic_path
 from scgpt_runtime.knn import VOTES
+from scgpt_runtime.report import require
 
 from .calibration import expected_calibration_error
 from .checkpoint import created, sha256_file
 from .metrics import (
+    EvaluatedCells,
     annotation_metrics,
     decide,
     integration_metrics,
@@ -41,6 +43,7 @@ class EvaluateConfig:
     unknown_threshold: float | None = None
     gene_column: str | None = None
     predictions: str | None = None  # CSV of per-cell predictions
+    report: str | None = None  # an HTML report (extra [report])
     seed: int = 0  # of k-means
 
     def __post_init__(self) -> None:
@@ -56,25 +59,35 @@ class EvaluateConfig:
             raise ValueError(
                 "--bundle scores the cell-type head; --reference and --batch-key need --from RUN"
             )
+        if self.report is not None and Path(self.report).suffix.lower() not in (".html", ".htm"):
+            raise ValueError(f"--report {self.report}: a report is an .html file")
 
 
 def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
-    """Score a run or a bundle (see evaluate_bundle) on labelled cells."""
-    return evaluate_bundle(cfg) if cfg.bundle else evaluate_run(cfg)
+    """Score a run or a bundle (see evaluate_bundle) on labelled cells; with cfg.report the
+    HTML report too (its path in the result)."""
+    if cfg.report is not None:
+        require()  # before any work
+    res, cells = evaluate_bundle(cfg) if cfg.bundle else evaluate_run(cfg)
+    if cfg.report is not None:
+        from .reports import evaluate_report
+
+        res["report"] = str(evaluate_report(res, cells, cfg.seed).write(cfg.report))
+    return res
 
 
-def evaluate_bundle(cfg: EvaluateConfig) -> dict[str, Any]:
+def evaluate_bundle(cfg: EvaluateConfig) -> tuple[dict[str, Any], EvaluatedCells]:
     """Score a bundle's cell-type head as `scgpt-run annotate` serves it (onnxruntime, CPU,
     temperature-scaled where the bundle is calibrated), with its expected calibration error
     as served and without the temperature; with cfg.record the metrics go into the bundle's
-    evaluation.json."""
+    evaluation.json. Returns the metrics and the per-cell data of a report."""
     from scgpt_runtime import Model
     from scgpt_runtime.bundle import record_evaluation
     from scgpt_runtime.io import open_counts
     from scgpt_runtime.obs import obs_strings, parse_where, selected
 
     model = Model.load(cfg.bundle, device="cpu", precision=cfg.precision)
-    truth, pred, names, conf, probs = [], [], [], [], []
+    truth, pred, names, conf, probs, emb = [], [], [], [], [], []
     for path in cfg.data:
         with open_counts(path) as counts:
             keep = selected(counts, parse_where(cfg.where))
@@ -86,6 +99,7 @@ def evaluate_bundle(cfg: EvaluateConfig) -> dict[str, Any]:
         names.append(ann.obs_names[keep])
         conf.append(out.conf_score)
         probs.append(ann.class_probs[keep])
+        emb.append(ann.embedding[keep])
     truth_all, pred_all = np.concatenate(truth), np.concatenate(pred)
     labelled = np.array([v is not None for v in truth_all.tolist()])
     metrics = annotation_metrics(truth_all[labelled].astype(str), pred_all[labelled])
@@ -120,7 +134,13 @@ def evaluate_bundle(cfg: EvaluateConfig) -> dict[str, Any]:
                 "created": created(),
             },
         )
-    return res
+    cells = EvaluatedCells(
+        truth_all,
+        {"classifier": pred_all},
+        {"classifier": np.concatenate(conf)},
+        np.concatenate(emb),
+    )
+    return res, cells
 
 
 def _calibration(probs: np.ndarray, truth: np.ndarray, model: Any) -> dict[str, Any]:
@@ -138,10 +158,10 @@ def _calibration(probs: np.ndarray, truth: np.ndarray, model: Any) -> dict[str, 
     }
 
 
-def evaluate_run(cfg: EvaluateConfig) -> dict[str, Any]:
+def evaluate_run(cfg: EvaluateConfig) -> tuple[dict[str, Any], EvaluatedCells]:
     """Score a run on labelled cells: its classifier (if it has one), kNN transfer from
     `reference` (if given) and integration metrics on L2-normalised embeddings (with a batch
-    key). Returns a JSON-ready dict."""
+    key). Returns a JSON-ready dict and the per-cell data of a report."""
     from .cells import load_cells
     from .checkpoint import load_run  # torch is needed here only: the metrics above stay numpy
     from .inference import embed, predict
@@ -209,7 +229,17 @@ def evaluate_run(cfg: EvaluateConfig) -> dict[str, Any]:
         )
     if cfg.predictions:
         _write_predictions(Path(cfg.predictions), query.obs_names, query.labels, per_cell)
-    return res
+    cells = EvaluatedCells(query.labels, batches=query.batches)
+    if cfg.report is not None:
+        emb = embed(model, query.tokens, codes) if emb is None else emb
+        cells.embedding = l2_normalize(emb)
+        if "classifier" in res:
+            cells.predictions["classifier"] = pred.predicted_labels
+            cells.confidence["classifier"] = pred.conf_score
+        if "knn" in res:
+            cells.predictions["knn"] = knn.predicted_labels
+            cells.confidence["knn"] = knn.conf_score
+    return res, cells
 
 
 def _batch_codes(

@@ -20,7 +20,7 @@ ASW_label) (the scGPT paper's score); AvgBATCH = mean(ASW_batch, graph connectiv
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -76,20 +76,31 @@ def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, labels: list | None = None)
 
 
 def annotation_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, Any]:
-    """accuracy, macro_f1, per_class_f1 {class: f1}, labels, confusion (rows = truth); JSON-ready.
+    """accuracy, macro_f1, per-class F1, precision and recall {class: value} (0 where a class
+    is never predicted or never true), support (true cells per class), labels, confusion
+    (rows = truth); JSON-ready.
 
     Classes are the sorted union of truth and prediction, so a predicted "unknown" counts as a
     class with F1 0 (it never is the truth) and lowers macro-F1: rejecting is not free."""
     y_true, y_pred = np.asarray(y_true).astype(str), np.asarray(y_pred).astype(str)
     labels = [str(c) for c in np.unique(np.concatenate([y_true, y_pred]))]
     f1 = f1_per_class(y_true, y_pred, labels)
+    cm = confusion(y_true, y_pred, labels)
+    hits = np.diag(cm).astype(float)
+
+    def per_class(values: np.ndarray) -> dict[str, float]:
+        return {c: round(float(v), 4) for c, v in zip(labels, values, strict=True)}
+
     return {
         "n_cells": len(y_true),
         "accuracy": round(accuracy(y_true, y_pred), 4),
         "macro_f1": round(float(f1.mean()), 4),
-        "per_class_f1": {c: round(float(v), 4) for c, v in zip(labels, f1, strict=True)},
+        "per_class_f1": per_class(f1),
+        "per_class_precision": per_class(hits / np.maximum(cm.sum(0), 1)),
+        "per_class_recall": per_class(hits / np.maximum(cm.sum(1), 1)),
+        "support": {c: int(v) for c, v in zip(labels, cm.sum(1), strict=True)},
         "labels": labels,
-        "confusion": confusion(y_true, y_pred, labels).tolist(),
+        "confusion": cm.tolist(),
     }
 
 
@@ -297,6 +308,17 @@ class Prediction:
     probabilities: np.ndarray  # (n, C) vote shares
     predicted_labels: np.ndarray  # (n,) str; "unknown" below the threshold, if one was given
     conf_score: np.ndarray  # (n,) the largest vote share
+
+
+@dataclass
+class EvaluatedCells:
+    """Per-cell data an evaluation report draws: truths, predictions, embeddings."""
+
+    truth: np.ndarray  # (n,) str or None (unlabelled)
+    predictions: dict[str, np.ndarray] = field(default_factory=dict)  # name -> (n,) str
+    confidence: dict[str, np.ndarray] = field(default_factory=dict)  # name -> (n,) float
+    embedding: np.ndarray | None = None  # (n, d)
+    batches: np.ndarray | None = None  # (n,) str
 
 
 def knn_transfer(

@@ -214,6 +214,22 @@ def run_options(f: Callable) -> Callable:
     return f
 
 
+def report_options(f: Callable) -> Callable:
+    """--report and --color-by, of the commands that serve a file."""
+    f = click.option(
+        "--color-by",
+        multiple=True,
+        metavar="COL",
+        help="With --report: also colour the embedding map by this obs column; repeatable.",
+    )(f)
+    return click.option(
+        "--report",
+        type=click.Path(dir_okay=False, path_type=str),
+        help="Also write a self-contained HTML report (gene match, labels, confidence, "
+        "embedding map); needs the [report] extra.",
+    )(f)
+
+
 def inplace_option(f: Callable) -> Callable:
     return click.option(
         "--inplace", is_flag=True, help="Write the results into FILE (.h5ad) instead of --out."

@@ -12,7 +12,14 @@ import click
 from .. import outputs, pipeline
 from ..knn import VOTES
 from ..reference import UNKNOWN_BELOW
-from .common import inplace_option, model_option, option, progress_bar, run_options
+from .common import (
+    inplace_option,
+    model_option,
+    option,
+    progress_bar,
+    report_options,
+    run_options,
+)
 
 log = logging.getLogger("scgpt_runtime")
 
@@ -35,6 +42,8 @@ def _serve(
         kind = outputs.output_kind(
             command, None if out is None else Path(out), inplace=inplace, shard=shard is not None
         )
+        report, color_by = options["report"], options["color_by"]
+        pipeline.check_report(report, color_by, Path(file), options["overwrite"])
     except ValueError as e:
         raise click.UsageError(str(e)) from e
     if kind == "stdout" and as_json:
@@ -66,6 +75,8 @@ def _serve(
         log.info("%s", message)
     else:
         click.echo(f"wrote {summary['output']}: {message}")
+    if summary.get("report"):  # stdout may hold the CSV: the report is named on stderr
+        log.info("wrote %s", summary["report"])
 
 
 @click.command(
@@ -78,6 +89,7 @@ Examples:
   scgpt-run annotate filtered_feature_bc_matrix.h5 --model bundles/pbmc > labels.csv
   scgpt-run annotate big.h5ad --model bundles/pbmc --shard 2/8 --out big.2.part
   scgpt-run annotate query.h5ad --reference ref.scref --out query_labels.csv
+  scgpt-run annotate pbmc.h5ad --out pbmc.csv --report pbmc.html --color-by sample
   scgpt-run annotate query.h5ad --model bundles/human --reference lung.scref \\
       --label-key cell_type_fine --k 20 --vote distance --unknown-below 0.6"""
 )
@@ -130,6 +142,7 @@ Examples:
     help="With --reference: Unknown where a cell is farther from its nearest reference cell "
     "than this share of reference cells are from theirs (1: off).",
 )
+@report_options
 @run_options
 def annotate(
     file: str,
@@ -177,6 +190,7 @@ def annotate(
 Examples:
   scgpt-run embed pbmc.h5ad --model bundles/pbmc --out pbmc_emb.npy
   scgpt-run embed pbmc.h5ad --model bundles/pbmc --out pbmc_scgpt.h5ad
+  scgpt-run embed pbmc.h5ad --out pbmc_emb.npy --report pbmc_map.html --color-by batch
   scgpt-run embed filtered_feature_bc_matrix.h5 --model bundles/human --out emb.csv --raw
   scgpt-run embed big.h5ad --model bundles/human --device cuda --batch-size 128 --out e.npy"""
 )
@@ -188,6 +202,7 @@ Examples:
 )
 @inplace_option
 @click.option("--raw", is_flag=True, help="The raw <cls> output instead of the L2-normalised one.")
+@report_options
 @run_options
 def embed(
     file: str,

@@ -7,11 +7,13 @@ from scgpt_runtime.cli.common import command_group
 from .evaluate import evaluate
 from .finetune import finetune
 from .pretrain import import_scgpt, pretrain
+from .report import report
 
 cli = command_group(
-    "Train scGPT models with PyTorch: pretrain, fine-tune, import official checkpoints."
+    "Train scGPT models with PyTorch: pretrain, fine-tune, evaluate, report, import official "
+    "checkpoints."
 )
-for command in (pretrain, import_scgpt, finetune, evaluate):
+for command in (pretrain, import_scgpt, finetune, evaluate, report):
     cli.add_command(command)
 
 

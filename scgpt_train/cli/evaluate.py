@@ -25,7 +25,9 @@ Examples:
   scgpt-train evaluate --from runs/kang-int --data kang.h5ad --label-key cell_type \\
       --batch-key condition --json
   scgpt-train evaluate --bundle bundles/pbmc --data kang.h5ad --label-key cell_type \\
-      --where condition=stimulated --record"""
+      --where condition=stimulated --record
+  scgpt-train evaluate --from runs/kang-annot --data kang.h5ad --label-key cell_type \\
+      --where condition=stimulated --report kang_eval.html"""
 )
 @click.option(
     "--from",
@@ -76,6 +78,12 @@ Examples:
 )
 @click.option("--gene-column", help="var column with gene names [default: best match]")
 @click.option("--predictions", type=click.Path(dir_okay=False), help="Write per-cell CSV here.")
+@click.option(
+    "--report",
+    type=click.Path(dir_okay=False),
+    help="Write an HTML report here (confusion matrices, per-class scores, calibration, "
+    "embedding maps); needs the [report] extra.",
+)
 @option(EvaluateConfig, "seed", type=int, help="Seed of k-means.")
 @click.option("--json", "as_json", is_flag=True, help="Print all metrics as JSON.")
 def evaluate(
@@ -109,3 +117,5 @@ def evaluate(
             )
     if "integration" in result:
         click.echo("integration: " + " ".join(f"{k} {v}" for k, v in result["integration"].items()))
+    if "report" in result:
+        click.echo(f"wrote {result['report']}")

@@ -55,6 +55,14 @@ def test_annotation_metrics_match_sklearn(blobs):
     assert m["per_class_f1"]["DC"] == 0.0  # predicted, never true
     assert m["macro_f1"] == pytest.approx(skm.f1_score(truth, pred, average="macro"), abs=1e-4)
     assert sum(map(sum, m["confusion"])) == 300
+    labels = m["labels"]
+    for key, score in (
+        ("per_class_precision", skm.precision_score),
+        ("per_class_recall", skm.recall_score),
+    ):
+        expected = score(truth, pred, labels=labels, average=None, zero_division=0)
+        np.testing.assert_allclose([m[key][c] for c in labels], expected, atol=5e-5)
+    assert list(m["support"].values()) == [int((truth == c).sum()) for c in labels]
 
 
 def test_f1_by_hand():

@@ -265,7 +265,7 @@ def test_dab_reverses_the_gradient_into_the_encoder(tmp_path):
 # ---------------------------------------------------------------------------- CLI
 
 
-def test_cli_annotate_evaluate_and_map(tmp_path):
+def test_cli_annotate_evaluate_and_map(tmp_path, read_report):
     data = synthetic(tmp_path / "s.h5ad")
     cfg = tmp_path / "c.json"
     cfg.write_text(json.dumps({"model": {"dropout": 0.0}, "tokens": {"max_seq_len": 64}}))
@@ -303,11 +303,14 @@ def test_cli_annotate_evaluate_and_map(tmp_path):
         "batch",
         "--predictions",
         tmp_path / "p.csv",
+        "--report",
+        tmp_path / "e.html",
         "--json",
     )
     assert r.exit_code == 0, r.output
     res = json.loads(r.stdout)
     assert {"classifier", "knn", "integration"} <= set(res)
+    check_evaluate_report(read_report(res["report"]), res)
     assert res["knn"]["n_reference"] == 120
     lines = (tmp_path / "p.csv").read_text().splitlines()
     assert lines[0] == "cell,label,predicted_labels,conf_score,knn_labels"
@@ -340,6 +343,27 @@ def test_cli_annotate_evaluate_and_map(tmp_path):
     assert r.exit_code == 3
     assert "DSBN" in r.stderr
     assert "--batch-key" in r.stderr
+
+
+def check_evaluate_report(page, res):
+    """Every section, and the numbers of evaluate --json."""
+    page.check_self_contained()
+    assert page.sections == ["evaluation", "classifier", "knn", "integration", "map"]
+    for name in ("classifier", "knn"):
+        m = res[name]
+        scores = page.rows(f"{name}-scores")
+        assert float(scores["accuracy"]) == m["accuracy"]
+        assert float(scores["macro-F1"]) == m["macro_f1"]
+        for c, support, precision, recall, f1 in page.tables[f"{name}-per-class"][1:]:
+            assert int(support) == m["support"][c]
+            assert float(precision) == m["per_class_precision"][c]
+            assert float(recall) == m["per_class_recall"][c]
+            assert float(f1) == m["per_class_f1"][c]
+    # counts, shares and the reliability diagram of the head; counts and shares of kNN
+    assert (len(page.images["classifier"]), len(page.images["knn"])) == (3, 2)
+    integration = page.rows("integration")
+    assert float(integration["avg_bio"]) == res["integration"]["avg_bio"]
+    assert len(page.images["map"]) == 4  # truth, head, kNN, batch
 
 
 @pytest.mark.parametrize(
