@@ -30,9 +30,16 @@ def fake_run(path, rows, done):
 
 
 ROWS = [
-    {"step": s, "loss": round(10 / s, 6), "gen_mse": round(8 / s, 6), "mvc_mse": round(2 / s, 6),
-     "lr": 1e-4 * s,
-     "grad_norm": 3.0, "cells_per_s": 50.0, "tokens_per_s": 9000.0}
+    {
+        "step": s,
+        "loss": round(10 / s, 6),
+        "gen_mse": round(8 / s, 6),
+        "mvc_mse": round(2 / s, 6),
+        "lr": 1e-4 * s,
+        "grad_norm": 3.0,
+        "cells_per_s": 50.0,
+        "tokens_per_s": 9000.0,
+    }
     | ({"val_loss": round(11.0 / s, 6)} if s % 2 == 0 else {})
     for s in (10, 20, 30)
 ]  # fmt: skip  (rounded to 6 decimals, as the trainers log)
