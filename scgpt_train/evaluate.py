@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,8 @@ from .metrics import (
     l2_normalize,
 )
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class EvaluateConfig:
@@ -43,6 +46,7 @@ class EvaluateConfig:
     unknown_threshold: float | None = None
     gene_column: str | None = None
     predictions: str | None = None  # CSV of per-cell predictions
+    baselines: bool = True  # logistic regression and PCA + kNN on the same cells (baselines.py)
     report: str | None = None  # an HTML report (extra [report])
     seed: int = 0  # of k-means
 
@@ -193,6 +197,8 @@ def evaluate_run(cfg: EvaluateConfig) -> tuple[dict[str, Any], EvaluatedCells]:
     if info.model.n_cls:
         pred = predict(model, info.labels or [], query.tokens, codes, cfg.unknown_threshold)
         res["classifier"] = annotation_metrics(truth, pred.predicted_labels[labelled])
+        trained_on = (info.train.get("data") or [], tuple(info.train.get("where") or ()))
+        _baselines(cfg, res["classifier"], trained_on, info, truth, labelled)
         per_cell = {"predicted_labels": pred.predicted_labels, "conf_score": pred.conf_score}
     emb = None
     if cfg.reference:
@@ -218,6 +224,8 @@ def evaluate_run(cfg: EvaluateConfig) -> tuple[dict[str, Any], EvaluatedCells]:
             "n_reference": int(has.sum()),
             **annotation_metrics(truth, knn.predicted_labels[labelled]),
         }
+        reference = (cfg.reference, cfg.reference_where)
+        _baselines(cfg, res["knn"], reference, info, truth, labelled, cfg.label_key)
         per_cell.setdefault("predicted_labels", knn.predicted_labels)
         per_cell.setdefault("conf_score", knn.conf_score)
         per_cell["knn_labels"] = knn.predicted_labels
@@ -240,6 +248,26 @@ def evaluate_run(cfg: EvaluateConfig) -> tuple[dict[str, Any], EvaluatedCells]:
             cells.predictions["knn"] = knn.predicted_labels
             cells.confidence["knn"] = knn.conf_score
     return res, cells
+
+
+def _baselines(cfg, metrics, train, info, truth, labelled, label_key=None) -> None:
+    """metrics["baselines"]: the baselines fit on the `train` (files, where) cells and scored on
+    the evaluated ones; left out, with a warning, where those files are gone."""
+    if not cfg.baselines:
+        return
+    missing = [p for p in train[0] if not Path(p).exists()]
+    if not train[0] or missing:
+        log.warning("baselines left out: the training cells (%s) are not here", missing or "?")
+        return
+    from .baselines import baseline_predictions
+
+    key = label_key or info.train.get("label_key") or cfg.label_key
+    preds = baseline_predictions(train, (cfg.data, cfg.where), key, info.vocab, cfg.gene_column)
+    metrics["baselines"] = {
+        name: {"fit_on": [Path(p).name for p in train[0]], "where": list(train[1])}
+        | annotation_metrics(truth, p[labelled])
+        for name, p in preds.items()
+    }
 
 
 def _batch_codes(

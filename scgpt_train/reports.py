@@ -97,8 +97,12 @@ def _number(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool)
 
 
-def _text(v: Any) -> Any:
-    return json.dumps(v) if isinstance(v, dict | list) else v
+def _text(v: Any, limit: int = 300) -> Any:
+    """A config or provenance value for a table cell; long lists and dicts cut short."""
+    if not isinstance(v, dict | list):
+        return v
+    text = json.dumps(v)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 # ---------------------------------------------------------------------------- evaluations
@@ -134,9 +138,21 @@ def _predictions(report, name, title, m, cells: EvaluatedCells, labelled) -> Non
         | ({"ECE": m["ece"]} if "ece" in m else {}),
         id=f"{name}-scores",
     )
-    labels = m["labels"]
+    labels, baselines = m["labels"], m.get("baselines", {})
+    if baselines:
+        report.text(
+            "Beside the simple baselines, fit on the cells the model learnt from "
+            f"({', '.join(next(iter(baselines.values()))['fit_on'])}) and scored on the same "
+            "cells:"
+        )
+        report.table(
+            ["method", "accuracy", "macro-F1"],
+            [("scGPT", m["accuracy"], m["macro_f1"])]
+            + [(b, v["accuracy"], v["macro_f1"]) for b, v in baselines.items()],
+            id=f"{name}-baselines",
+        )
     report.table(
-        ["class", "true cells", "precision", "recall", "F1"],
+        ["class", "true cells", "precision", "recall", "F1", *(f"F1 {b}" for b in baselines)],
         [
             (
                 c,
@@ -144,6 +160,7 @@ def _predictions(report, name, title, m, cells: EvaluatedCells, labelled) -> Non
                 m["per_class_precision"][c],
                 m["per_class_recall"][c],
                 m["per_class_f1"][c],
+                *(v["per_class_f1"].get(c) for v in baselines.values()),
             )
             for c in labels
         ],

@@ -1,10 +1,11 @@
 """Benchmark the annotate report (--report): time and peak memory by number of cells.
 
 Each size runs in a fresh process: a Result of N cells with clustered embeddings (d 512, the
-whole-human width, memory-mapped from a scratch file as annotate spills large outputs) and 20
-labels, then `serving_report(...)` and its write, the code `scgpt-run annotate --report` runs
-after the model. Reported: seconds of the report alone, peak RSS of the process, file size.
-The map draws MAP_CELLS cells whatever N, so time and memory should stay nearly flat in N.
+whole-human width, memory-mapped read-only from a scratch file written by another process, as
+annotate spills large outputs) and 20 labels, then `serving_report(...)` and its write: the
+code `scgpt-run annotate --report` runs after the model. Reported: seconds of the report
+alone, peak RSS of the process, file size. The map draws MAP_CELLS cells whatever N, so
+time and memory should stay nearly flat in N.
 
 Usage: python tools/bench_report.py [--sizes 10000 100000 1000000] [--workdir DIR] [--json OUT]
 """
@@ -29,18 +30,26 @@ import numpy as np
 D, LABELS = 512, 20
 
 
+def make(n: int, workdir: Path) -> None:
+    """The embeddings of N cells in 20 clusters, L2-normalised, as a .npy scratch file."""
+    rng = np.random.default_rng(0)
+    emb = np.lib.format.open_memmap(workdir / f"emb{n}.npy", "w+", np.float32, (n, D))
+    centres = rng.normal(size=(LABELS, D)).astype(np.float32)
+    codes = rng.integers(0, LABELS, n)
+    for s in range(0, n, 65536):  # in blocks: memory stays that of one block
+        block = centres[codes[s : s + 65536]] + rng.normal(size=(len(codes[s : s + 65536]), D))
+        emb[s : s + len(block)] = block / np.linalg.norm(block, axis=1, keepdims=True)
+    emb.flush()
+
+
 def one(n: int, workdir: Path) -> dict:
     """One size, in this process."""
     from scgpt_runtime.report.serving import serving_report
     from scgpt_runtime.results import Result
 
     rng = np.random.default_rng(0)
-    emb = np.lib.format.open_memmap(workdir / f"emb{n}.npy", "w+", np.float32, (n, D))
-    centres = rng.normal(size=(LABELS, D)).astype(np.float32)
     codes = rng.integers(0, LABELS, n)
-    for s in range(0, n, 65536):  # written in blocks: memory stays that of one block
-        block = centres[codes[s : s + 65536]] + rng.normal(size=(len(codes[s : s + 65536]), D))
-        emb[s : s + len(block)] = block / np.linalg.norm(block, axis=1, keepdims=True)
+    emb = np.load(workdir / f"emb{n}.npy", mmap_mode="r")  # written by make(): pages not resident
     probs = rng.dirichlet(np.ones(LABELS) * 0.3, n).astype(np.float32)
     probs[np.arange(n), codes] += 1.0
     probs /= probs.sum(1, keepdims=True)
@@ -79,16 +88,22 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path)
     ap.add_argument("--json", type=Path)
     ap.add_argument("--one", type=int, help=argparse.SUPPRESS)  # a child process: one size
+    ap.add_argument("--make", type=int, help=argparse.SUPPRESS)  # a child: its embeddings
     args = ap.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp())
     workdir.mkdir(parents=True, exist_ok=True)
+    if args.make:
+        make(args.make, workdir)
+        return
     if args.one:
         print(json.dumps(one(args.one, workdir)))
         return
     rows = []
     for n in args.sizes:
-        cmd = [sys.executable, __file__, "--one", str(n), "--workdir", str(workdir)]
-        rows.append(json.loads(subprocess.run(cmd, check=True, capture_output=True).stdout))
+        child = [sys.executable, __file__, "--workdir", str(workdir)]
+        subprocess.run([*child, "--make", str(n)], check=True)
+        done = subprocess.run([*child, "--one", str(n)], check=True, capture_output=True)
+        rows.append(json.loads(done.stdout))
         (workdir / f"emb{n}.npy").unlink()
         print(json.dumps(rows[-1]), flush=True)
     if args.json:

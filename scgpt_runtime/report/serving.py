@@ -163,8 +163,9 @@ def _maps(report: Report, result: Result, colors: dict[str, np.ndarray], seed: i
     for name, values in panels.items():
         values = np.asarray(values)[shown.rows]
         order = None
-        if values.dtype.kind not in "fiu":
-            order = figures.category_order(values, first)
+        if values.dtype.kind not in "fiu":  # names shared with the first panel keep colours
+            shared = first if set(first) & set(np.unique(values).tolist()) else []
+            order = figures.category_order(values, shared)
             first = first or order
         fig = figures.embedding_map(shown.xy, values, f"coloured by {name}", shown.method, order)
         report.figure(fig)

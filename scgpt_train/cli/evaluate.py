@@ -84,6 +84,13 @@ Examples:
     help="Write an HTML report here (confusion matrices, per-class scores, calibration, "
     "embedding maps); needs the [report] extra.",
 )
+@click.option(
+    "--baselines/--no-baselines",
+    default=True,
+    show_default=True,
+    help="Score logistic regression and PCA(50) + 10-NN beside the model, fit on the cells "
+    "it learnt from (the run's fine-tuning data; the --reference cells for kNN).",
+)
 @option(EvaluateConfig, "seed", type=int, help="Seed of k-means.")
 @click.option("--json", "as_json", is_flag=True, help="Print all metrics as JSON.")
 def evaluate(
@@ -115,6 +122,8 @@ def evaluate(
                 f"{name}: accuracy {m['accuracy']:.4f} macro-F1 {m['macro_f1']:.4f} "
                 f"({m['n_cells']} cells)"
             )
+            for base, b in m.get("baselines", {}).items():
+                click.echo(f"  {base}: accuracy {b['accuracy']:.4f} macro-F1 {b['macro_f1']:.4f}")
     if "integration" in result:
         click.echo("integration: " + " ".join(f"{k} {v}" for k, v in result["integration"].items()))
     if "report" in result:

@@ -183,3 +183,34 @@ def test_decide_confidence_and_threshold():
     assert p.predicted_labels.tolist() == ["a", "a"]
     np.testing.assert_allclose(p.conf_score, [0.7, 0.4])
     assert decide(["a", "b", "c"], probs, 0.5).predicted_labels.tolist() == ["a", "unknown"]
+
+
+def test_baselines_learn_separable_types_and_are_deterministic(tmp_path):
+    """Three types with their own marker genes: both baselines recover them on other cells."""
+    import anndata as ad
+    import pandas as pd
+
+    from scgpt_runtime.vocab import Vocab
+    from scgpt_train.baselines import NAMES, baseline_predictions
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, n in enumerate((150, 90)):
+        types = np.arange(n) % 3
+        rate = np.ones((n, 30))
+        for t in range(3):
+            rate[types == t, 10 * t : 10 * t + 4] = 15.0
+        obs = pd.DataFrame({"cell_type": np.array(["A", "B", "C"])[types]})
+        obs.index = [f"f{i}c{j}" for j in range(n)]
+        var = pd.DataFrame(index=[f"G{g}" for g in range(30)])
+        paths.append(tmp_path / f"{i}.h5ad")
+        ad.AnnData(rng.poisson(rate).astype(np.float32), obs=obs, var=var).write_h5ad(paths[-1])
+    vocab = Vocab.from_genes([f"G{g}" for g in range(30)])
+    truth = np.array(["A", "B", "C"])[np.arange(90) % 3]
+    first = baseline_predictions(([paths[0]], ()), ([paths[1]], ()), "cell_type", vocab)
+    assert list(first) == list(NAMES)
+    for pred in first.values():
+        assert (pred == truth).mean() > 0.95
+    again = baseline_predictions(([paths[0]], ()), ([paths[1]], ()), "cell_type", vocab)
+    for name in NAMES:
+        np.testing.assert_array_equal(first[name], again[name])

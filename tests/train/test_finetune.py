@@ -354,11 +354,18 @@ def check_evaluate_report(page, res):
         scores = page.rows(f"{name}-scores")
         assert float(scores["accuracy"]) == m["accuracy"]
         assert float(scores["macro-F1"]) == m["macro_f1"]
-        for c, support, precision, recall, f1 in page.tables[f"{name}-per-class"][1:]:
+        bases = m["baselines"]
+        assert list(bases) == ["logistic regression", "PCA(50) + 10-NN"]
+        shown = {r[0]: (float(r[1]), float(r[2])) for r in page.tables[f"{name}-baselines"][1:]}
+        assert shown == {"scGPT": (m["accuracy"], m["macro_f1"])} | {
+            b: (v["accuracy"], v["macro_f1"]) for b, v in bases.items()
+        }
+        for c, support, precision, recall, f1, *base in page.tables[f"{name}-per-class"][1:]:
             assert int(support) == m["support"][c]
             assert float(precision) == m["per_class_precision"][c]
             assert float(recall) == m["per_class_recall"][c]
             assert float(f1) == m["per_class_f1"][c]
+            assert [float(v) for v in base] == [v["per_class_f1"][c] for v in bases.values()]
     # counts, shares and the reliability diagram of the head; counts and shares of kNN
     assert (len(page.images["classifier"]), len(page.images["knn"])) == (3, 2)
     integration = page.rows("integration")
