@@ -140,10 +140,10 @@ def _predictions(report, name, title, m, cells: EvaluatedCells, labelled) -> Non
     )
     labels, baselines = m["labels"], m.get("baselines", {})
     if baselines:
+        fit = next(iter(baselines.values()))
         report.text(
             "Beside the simple baselines, fit on the cells the model learnt from "
-            f"({', '.join(next(iter(baselines.values()))['fit_on'])}) and scored on the same "
-            "cells:"
+            f"({', '.join(fit['fit_on'] + fit['where'])}) and scored on the same cells:"
         )
         report.table(
             ["method", "accuracy", "macro-F1"],

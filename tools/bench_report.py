@@ -4,8 +4,8 @@ Each size runs in a fresh process: a Result of N cells with clustered embeddings
 whole-human width, memory-mapped read-only from a scratch file written by another process, as
 annotate spills large outputs) and 20 labels, then `serving_report(...)` and its write: the
 code `scgpt-run annotate --report` runs after the model. Reported: seconds of the report
-alone, peak RSS of the process, file size. The map draws MAP_CELLS cells whatever N, so
-time and memory should stay nearly flat in N.
+alone, RSS before it (the inputs, as annotate would hold them), peak RSS, file size. The
+map draws MAP_CELLS cells whatever N, so time and memory should stay nearly flat in N.
 
 Usage: python tools/bench_report.py [--sizes 10000 100000 1000000] [--workdir DIR] [--json OUT]
 """
@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -71,15 +70,25 @@ def one(n: int, workdir: Path) -> dict:
                 "bundle_sha256": "0" * 64, "versions": {},
                 "options": {"unknown_below": 0.3}}  # fmt: skip
     colours = {"batch": np.array([f"b{i % 4}" for i in range(n)])}
+    before = _status("VmRSS")
     t0 = time.perf_counter()
     out = serving_report(summary, settings, result, colours).write(workdir / f"r{n}.html")
     seconds = time.perf_counter() - t0
     return {
         "n_cells": n,
         "report_seconds": round(seconds, 1),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "rss_before_mb": before,
+        "peak_rss_mb": _status("VmHWM"),
         "html_mb": round(out.stat().st_size / 2**20, 2),
     }
+
+
+def _status(field: str) -> int:
+    """A memory figure of this process from /proc/self/status, in MB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return round(int(line.split()[1]) / 1024)
+    raise KeyError(field)
 
 
 def main() -> None:
