@@ -341,6 +341,30 @@ def knn_transfer(
     return decide([str(c) for c in classes], probs, unknown_threshold)
 
 
+def knn_probe(embedding: np.ndarray, labels: np.ndarray, k: int = 10) -> dict[str, float]:
+    """How much cell identity an embedding carries, without training anything: each cell gets
+    the majority label of its k nearest other cells (leave-one-out, L2-normalised embeddings,
+    ties to the first class in sorted order); macro-F1 and accuracy of those labels, and the
+    mean cosine between two different cells (near 1: the embeddings have collapsed)."""
+    x = l2_normalize(np.asarray(embedding, dtype=np.float32))
+    n = len(x)
+    if n < 2:
+        raise ValueError("the probe needs at least 2 cells")
+    classes, (codes,) = _codes(np.asarray(labels).astype(str))
+    idx, dist = search(x, x, min(k + 1, n))
+    # Drop each cell itself (normally its own first neighbour; a duplicate may come first).
+    others = np.argsort(idx == np.arange(n)[:, None], axis=1, kind="stable")[:, : idx.shape[1] - 1]
+    idx, dist = np.take_along_axis(idx, others, 1), np.take_along_axis(dist, others, 1)
+    pred = knn_vote(idx, dist, codes, len(classes), "majority").argmax(1)
+    truth, guess = np.asarray(classes)[codes], np.asarray(classes)[pred]
+    total = x.astype(np.float64).sum(0)
+    return {
+        "probe_knn_macro_f1": round(macro_f1(truth, guess), 4),
+        "probe_knn_accuracy": round(accuracy(truth, guess), 4),
+        "probe_mean_cosine": round(float((total @ total - n) / (n * (n - 1))), 4),
+    }
+
+
 def decide(
     classes: list[str], probs: np.ndarray, unknown_threshold: float | None = None
 ) -> Prediction:

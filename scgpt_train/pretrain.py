@@ -29,6 +29,7 @@ from scgpt_runtime.tokens import TokenBlock, TokenConfig
 from scgpt_runtime.vocab import Vocab
 
 from . import distributed
+from .cells import load_cells
 from .checkpoint import (
     MetricsLog,
     RunInfo,
@@ -43,6 +44,8 @@ from .checkpoint import (
     write_json,
 )
 from .data import CellStream, Position, build_vocab, open_sources, validation_cells
+from .inference import embed
+from .metrics import knn_probe
 from .model import ModelConfig, ScGPT
 
 log = logging.getLogger(__name__)
@@ -73,6 +76,9 @@ class PretrainConfig:
     val_fraction: float = 0.05
     val_cells: int = 1000
     eval_every: int = 100
+    probe_data: list[str] = field(default_factory=list)  # labelled cells: kNN probe (metrics)
+    probe_label_key: str | None = None
+    probe_where: tuple[str, ...] = ()
     checkpoint_every: int = 200
     log_every: int = 10
     device: str = "auto"
@@ -86,6 +92,8 @@ class PretrainConfig:
             raise ValueError("batch size, grad accumulation and steps must be at least 1")
         if not all(0 < f < 1 for f in self.gen_fractions):
             raise ValueError("gen fractions must lie in (0, 1)")
+        if bool(self.probe_data) != bool(self.probe_label_key):
+            raise ValueError("the embedding probe needs both --probe-data and --probe-label-key")
 
 
 def lr_at(step: int, cfg: PretrainConfig) -> float:
@@ -214,6 +222,7 @@ def pretrain(cfg: PretrainConfig, progress: Callable[..., None] | None = None) -
         val_fraction=cfg.val_fraction,
     )
     val = validation_cells(sources, vocab, tok_cfg, cfg.seed, cfg.val_fraction, cfg.val_cells)
+    probe = _probe_cells(cfg, vocab, tok_cfg) if d.main else None
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = ScGPT(model_cfg).to(d.device)
@@ -264,6 +273,8 @@ def pretrain(cfg: PretrainConfig, progress: Callable[..., None] | None = None) -
         }
         if val is not None and (step % cfg.eval_every == 0 or step == cfg.max_steps):
             last["val_loss"] = round(evaluate(model, val, cfg.seed, vocab, tok_cfg, d), 6)
+        if probe is not None and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+            last |= knn_probe(embed(model, probe[0]), probe[1])
         if metrics and (step % cfg.log_every == 0 or "val_loss" in last or step == cfg.max_steps):
             metrics.write(last)
             if progress is None:
@@ -279,6 +290,27 @@ def pretrain(cfg: PretrainConfig, progress: Callable[..., None] | None = None) -
         log.info("done: %d steps, %s; run in %s", step, _brief(last), out)
     distributed.teardown(d)
     return last
+
+
+def _probe_cells(
+    cfg: PretrainConfig, vocab: Vocab, tok_cfg: TokenConfig
+) -> tuple[TokenBlock, np.ndarray] | None:
+    """The tokens and labels of the embedding probe's labelled cells (None without
+    --probe-data)."""
+    if not cfg.probe_data:
+        return None
+    cells = load_cells(
+        cfg.probe_data,
+        vocab,
+        tok_cfg,
+        label_key=cfg.probe_label_key,
+        where=cfg.probe_where,
+        gene_column=cfg.gene_column,
+    )
+    labelled = np.flatnonzero([v is not None for v in cells.labels.tolist()])
+    if len(labelled) < 2:
+        raise InputError(f"{cfg.probe_data[0]}: the probe needs at least 2 labelled cells")
+    return cells.tokens.take(labelled), cells.labels[labelled].astype(str)
 
 
 def _finish(out: Path, model: ScGPT, info: RunInfo, step: int) -> dict[str, Any]:

@@ -71,7 +71,7 @@ def _curve_panels(rows: list[dict[str, Any]]) -> list[tuple[str, str, dict[str, 
     """(section title, anchor, {panel name: {series name: (x, y)}}) of the logged keys."""
     keys = [k for k in dict.fromkeys(k for r in rows for k in r) if k not in AXES]
     keys = [k for k in keys if all(_number(r.get(k, 0)) for r in rows)]
-    val = {k for k in keys if k.startswith("val_")}
+    val = {k for k in keys if k.startswith(("val_", "probe_"))}  # scores on held-out cells
     rates = [k for k in keys if k.endswith("_per_s")]
     objectives = [k for k in keys if k not in val and k not in rates and k not in OTHER_KEYS]
     panels = {k: {"train": _xy(rows, k)} for k in objectives}
@@ -79,7 +79,10 @@ def _curve_panels(rows: list[dict[str, Any]]) -> list[tuple[str, str, dict[str, 
         if f"val_{k}" in val:
             panels[k]["validation"] = _xy(rows, f"val_{k}")
     paired = {f"val_{k}" for k in objectives}
-    scores = {k: {"validation": _xy(rows, k)} for k in sorted(val - paired)}
+    scores = {
+        k: {"probe" if k.startswith("probe_") else "validation": _xy(rows, k)}
+        for k in sorted(val - paired)
+    }
     other = {k: {k: _xy(rows, k)} for k in OTHER_KEYS if k in keys}
     other |= {k: {k: _xy(rows, k)} for k in rates}
     sections = [("Objectives", "objectives", panels), ("Validation scores", "validation", scores)]

@@ -11,7 +11,7 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
-from scgpt_runtime.cli.common import progress_bar
+from scgpt_runtime.cli.common import check_where, progress_bar
 
 from ..checkpoint import latest_checkpoint
 from ..model import PRESETS
@@ -28,6 +28,8 @@ log = logging.getLogger("scgpt_train")
 Examples:
   scgpt-train pretrain --data ../shared/data/unlabelled --out runs/pre --max-steps 2000
   scgpt-train pretrain --data a.h5ad --data b.h5 --out runs/pre --preset base --batch-size 64
+  scgpt-train pretrain --data ../shared/data/unlabelled --out runs/pre \\
+      --probe-data kang.h5ad --probe-label-key cell_type --probe-where condition=control
   scgpt-train pretrain --out runs/pre --resume
   torchrun --nproc-per-node 4 -m scgpt_train.cli pretrain --data corpus/ --out runs/pre"""
 )
@@ -71,6 +73,19 @@ Examples:
 )
 @option(PretrainConfig, "val_fraction", type=float)
 @option(PretrainConfig, "eval_every", type=int)
+@click.option(
+    "--probe-data",
+    multiple=True,
+    help="Labelled cells to probe the cell embedding with at every evaluation: the "
+    "leave-one-out 10-NN macro-F1 and the mean cosine, logged in metrics.jsonl; repeatable.",
+)
+@click.option("--probe-label-key", help="obs column with the probe cells' labels.")
+@click.option(
+    "--probe-where",
+    multiple=True,
+    callback=check_where,
+    help="COL=VALUE filter of --probe-data; repeatable.",
+)
 @option(PretrainConfig, "checkpoint_every", type=int)
 @option(PretrainConfig, "seed", type=int)
 @option(PretrainConfig, "device", help="auto, cpu, cuda or cuda:N")

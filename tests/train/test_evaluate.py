@@ -19,6 +19,7 @@ from scgpt_train.metrics import (
     graph_connectivity,
     integration_metrics,
     kmeans,
+    knn_probe,
     knn_transfer,
     l2_normalize,
     macro_f1,
@@ -214,3 +215,26 @@ def test_baselines_learn_separable_types_and_are_deterministic(tmp_path):
     again = baseline_predictions(([paths[0]], ()), ([paths[1]], ()), "cell_type", vocab)
     for name in NAMES:
         np.testing.assert_array_equal(first[name], again[name])
+
+
+def test_knn_probe_by_brute_force(blobs):
+    """Leave-one-out 10-NN and the mean off-diagonal cosine, computed the slow way."""
+    x, truth, _ = blobs
+    x = np.vstack([x, x[:3]])  # duplicates: a cell's twin may come before it
+    truth = np.concatenate([truth, truth[:3]])
+    got = knn_probe(x, truth, k=10)
+    z = x / np.linalg.norm(x, axis=1, keepdims=True)
+    d = ((z[:, None] - z[None]) ** 2).sum(-1)
+    np.fill_diagonal(d, np.inf)
+    classes = sorted(set(truth))
+    pred = []
+    for row in np.argsort(d, axis=1, kind="stable")[:, :10]:
+        votes = [list(truth[row]).count(c) for c in classes]
+        pred.append(classes[int(np.argmax(votes))])  # ties: the first class in sorted order
+    cos = z @ z.T
+    off = (cos.sum() - np.trace(cos)) / (len(z) * (len(z) - 1))
+    assert got["probe_knn_macro_f1"] == pytest.approx(
+        skm.f1_score(truth, pred, average="macro"), abs=5e-5
+    )
+    assert got["probe_knn_accuracy"] == pytest.approx(skm.accuracy_score(truth, pred), abs=5e-5)
+    assert got["probe_mean_cosine"] == pytest.approx(off, abs=5e-5)

@@ -16,8 +16,11 @@ from safetensors.torch import load_file, save_file
 
 import scgpt_train.pretrain as pretrain_mod
 from scgpt_runtime.tokens import TokenBlock
+from scgpt_train.cells import load_cells
 from scgpt_train.checkpoint import load_run
 from scgpt_train.cli import cli
+from scgpt_train.inference import embed
+from scgpt_train.metrics import knn_probe
 from scgpt_train.pretrain import PretrainConfig, pretrain, split_generative
 
 KANG = "labelled/kang2018_pbmc_counts.h5ad"
@@ -86,9 +89,15 @@ def test_loss_falls_on_real_data(shared_data, tmp_path):
         checkpoint_every=40,
         mlm_weight=0.5,
         model={},
+        probe_data=[str(shared_data / KANG)],
+        probe_label_key="cell_type",
+        probe_where=("condition=control",),
     )
     last = pretrain(cfg)
     m = metrics(tmp_path / "run")
+    probed = [r for r in m if "probe_knn_macro_f1" in r]
+    assert [r["step"] for r in probed] == [10, 20, 30, 40]  # beside every val_loss
+    assert all("val_loss" in r and 0 <= r["probe_knn_macro_f1"] <= 1 for r in probed)
     first = np.mean([r["loss"] for r in m[:5]])
     final = np.mean([r["loss"] for r in m[-5:]])
     assert final < 0.7 * first, (first, final)  # 40 steps from random weights: a clear fall
@@ -101,6 +110,11 @@ def test_loss_falls_on_real_data(shared_data, tmp_path):
     assert info.provenance["data"][0]["file"].endswith(KANG)
     saved = load_file(tmp_path / "run" / "model.safetensors")
     assert torch.equal(saved["encoder.embedding.weight"], model.encoder.embedding.weight)
+    cells = load_cells(
+        cfg.probe_data, info.vocab, info.tokens, label_key="cell_type", where=cfg.probe_where
+    )  # the last probe, again from the saved weights
+    again = knn_probe(embed(model, cells.tokens), cells.labels.astype(str))
+    assert again == {k: v for k, v in probed[-1].items() if k.startswith("probe_")}
 
 
 def test_resume_repeats_the_uninterrupted_run(shared_data, tmp_path, monkeypatch):
