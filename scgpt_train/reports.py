@@ -85,8 +85,11 @@ def _curve_panels(rows: list[dict[str, Any]]) -> list[tuple[str, str, dict[str, 
     }
     other = {k: {k: _xy(rows, k)} for k in OTHER_KEYS if k in keys}
     other |= {k: {k: _xy(rows, k)} for k in rates}
-    sections = [("Objectives", "objectives", panels), ("Validation scores", "validation", scores)]
-    sections.append(("Optimisation and throughput", "optimisation", other))
+    sections = [
+        ("Objectives", "objectives", panels),
+        ("Validation and probe scores", "validation", scores),
+        ("Optimisation and throughput", "optimisation", other),
+    ]
     return [s for s in sections if s[2]]
 
 
