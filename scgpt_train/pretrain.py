@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from importlib.metadata import version
@@ -29,7 +28,6 @@ from scgpt_runtime.tokens import TokenBlock, TokenConfig
 from scgpt_runtime.vocab import Vocab
 
 from . import distributed
-from .cells import load_cells
 from .checkpoint import (
     MetricsLog,
     RunInfo,
@@ -47,6 +45,7 @@ from .data import CellStream, Position, build_vocab, open_sources, validation_ce
 from .inference import embed
 from .metrics import knn_probe
 from .model import ModelConfig, ScGPT
+from .monitor import Meter, probe_cells
 
 log = logging.getLogger(__name__)
 
@@ -222,7 +221,11 @@ def pretrain(cfg: PretrainConfig, progress: Callable[..., None] | None = None) -
         val_fraction=cfg.val_fraction,
     )
     val = validation_cells(sources, vocab, tok_cfg, cfg.seed, cfg.val_fraction, cfg.val_cells)
-    probe = _probe_cells(cfg, vocab, tok_cfg) if d.main else None
+    probe = None
+    if cfg.probe_data and d.main:
+        probe = probe_cells(
+            cfg.probe_data, cfg.probe_label_key, cfg.probe_where, vocab, tok_cfg, cfg.gene_column
+        )
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = ScGPT(model_cfg).to(d.device)
@@ -247,7 +250,7 @@ def pretrain(cfg: PretrainConfig, progress: Callable[..., None] | None = None) -
 
     batches = stream.batches(position, d.rank, d.world)
     metrics = MetricsLog(out, step if cfg.resume else None) if d.main else None
-    meter = _Meter()
+    meter = Meter()
     last: dict[str, Any] = {}
     model.train()
     while step < cfg.max_steps:
@@ -290,27 +293,6 @@ def pretrain(cfg: PretrainConfig, progress: Callable[..., None] | None = None) -
         log.info("done: %d steps, %s; run in %s", step, _brief(last), out)
     distributed.teardown(d)
     return last
-
-
-def _probe_cells(
-    cfg: PretrainConfig, vocab: Vocab, tok_cfg: TokenConfig
-) -> tuple[TokenBlock, np.ndarray] | None:
-    """The tokens and labels of the embedding probe's labelled cells (None without
-    --probe-data)."""
-    if not cfg.probe_data:
-        return None
-    cells = load_cells(
-        cfg.probe_data,
-        vocab,
-        tok_cfg,
-        label_key=cfg.probe_label_key,
-        where=cfg.probe_where,
-        gene_column=cfg.gene_column,
-    )
-    labelled = np.flatnonzero([v is not None for v in cells.labels.tolist()])
-    if len(labelled) < 2:
-        raise InputError(f"{cfg.probe_data[0]}: the probe needs at least 2 labelled cells")
-    return cells.tokens.take(labelled), cells.labels[labelled].astype(str)
 
 
 def _finish(out: Path, model: ScGPT, info: RunInfo, step: int) -> dict[str, Any]:
@@ -363,24 +345,6 @@ def _micro_step(
     }
     n_tokens = int((~batch["pcpt_pad"]).sum() + (~batch["gen_pad"]).sum())
     return means, n_tokens
-
-
-class _Meter:
-    """Cells/s and tokens/s since the start of this process."""
-
-    def __init__(self) -> None:
-        self.t0, self.cells, self.tokens = time.perf_counter(), 0, 0
-
-    def add(self, cells: int, tokens: int) -> None:
-        self.cells += cells
-        self.tokens += tokens
-
-    def rates(self) -> dict[str, float]:
-        elapsed = time.perf_counter() - self.t0
-        return {
-            "cells_per_s": round(self.cells / elapsed, 1),
-            "tokens_per_s": round(self.tokens / elapsed, 1),
-        }
 
 
 def _brief(m: dict[str, Any]) -> str:

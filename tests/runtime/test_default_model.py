@@ -34,16 +34,28 @@ def test_default_model_is_installed_intact_and_small():
         "liao2020_balf_GSM4475052_C149_filtered_feature_bc_matrix.h5",
         "scvi_pbmc_5k_protein_v3_200.h5ad",
     ]
-    evaluation = {e["precision"]: e for e in bundle.config["evaluation"]}
+    evaluation = {e["precision"]: e for e in bundle.evaluation}
     assert sorted(evaluation) == ["fp16", "fp32"]
     for e in evaluation.values():
         assert e["where"] == ["condition=stimulated"]
         assert e["n_cells"] == 1039
+        assert e["ece"] < e["ece_uncalibrated"]  # recorded as served and without the temperature
+
+
+def test_default_model_is_format_2_with_the_format_1_graphs_and_a_fitted_temperature():
+    bundle = load_bundle(default_bundle())
+    assert bundle.config["format_version"] == 2
+    assert bundle.parameters == 528_583
+    upgrade = bundle.config["provenance"]["upgrade"]
+    assert upgrade["from_format"] == 1  # tools/upgrade_default_model.py checked the outputs
+    calibration = bundle.config["calibration"]
+    assert calibration["n_cells"] == 94  # the fine-tuning's validation cells
+    assert bundle.temperature == calibration["temperature"] > 0
 
 
 def test_model_card_quotes_the_recorded_figures():
     card = (ROOT / "docs" / "default-model.md").read_text()
-    for e in load_bundle(default_bundle()).config["evaluation"]:
+    for e in load_bundle(default_bundle()).evaluation:
         assert f"{e['macro_f1']:.3f}" in card, e["precision"]
         assert f"{e['accuracy']:.3f}" in card, e["precision"]
 
