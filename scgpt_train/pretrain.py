@@ -46,6 +46,7 @@ from .inference import embed
 from .metrics import knn_probe
 from .model import ModelConfig, ScGPT
 from .monitor import Meter, probe_cells
+from .objectives import ecs_loss
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,7 @@ class PretrainConfig:
     seed: int = 0
     gen_fractions: tuple[float, ...] = (0.25, 0.5, 0.75)  # the official choices
     mlm_weight: float = 0.0  # weight of the masked-value objective on observed tokens (0 = off)
+    ecs_weight: float = 0.0  # weight of elastic cell similarity on the cell embeddings (0 = off)
     mask_ratio: float = 0.4
     val_fraction: float = 0.05
     val_cells: int = 1000
@@ -165,8 +167,10 @@ def losses(
     batch: dict[str, torch.Tensor],
     masked: torch.Tensor | None,
     norm: dict[str, torch.Tensor],
+    ecs: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Sums of squared errors divided by `norm` (token counts over all ranks / world)."""
+    """Sums of squared errors divided by `norm` (token counts over all ranks / world); with
+    `ecs`, elastic cell similarity of this process's cell embeddings (`objectives.ecs_loss`)."""
     out = model(
         batch["pcpt_gene"],
         batch["pcpt_values"],
@@ -183,6 +187,8 @@ def losses(
     if masked is not None:
         m = masked.to(out["pcpt_pred"].dtype)
         res["mlm_mse"] = (((out["pcpt_pred"] - batch["pcpt_target"]) ** 2) * m).sum() / norm["mlm"]
+    if ecs:
+        res["ecs"] = ecs_loss(out["cell_emb"])
     return res
 
 
@@ -335,8 +341,9 @@ def _micro_step(
     masked = None if masked is None else masked.to(d.device)
     norm = _norms(batch, masked, d, cfg.grad_accum)
     with torch.autocast("cuda", torch.bfloat16, enabled=d.device.type == "cuda"):
-        parts = losses(net, batch, masked, norm)
+        parts = losses(net, batch, masked, norm, cfg.ecs_weight > 0)
         loss = parts["gen_mse"] + parts["mvc_mse"] + cfg.mlm_weight * parts.get("mlm_mse", 0.0)
+        loss = loss + cfg.ecs_weight * parts.get("ecs", 0.0)
     loss.backward()
     # Each rank's parts are its share of the global mean (see _norms): sum over ranks / world.
     means = {

@@ -71,6 +71,13 @@ Examples:
     type=float,
     help="Weight of the masked-value objective on observed genes (0 = off).",
 )
+@option(
+    PretrainConfig,
+    "ecs_weight",
+    type=float,
+    help="Weight of elastic cell similarity (the official ECS term) on the cell embeddings "
+    "(0 = off).",
+)
 @option(PretrainConfig, "val_fraction", type=float)
 @option(PretrainConfig, "eval_every", type=int)
 @click.option(

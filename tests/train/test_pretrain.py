@@ -394,3 +394,13 @@ def test_data_without_usable_genes_is_a_gene_match_error(shared_data, tmp_path):
     (line,) = result.stderr.strip().splitlines()
     assert f"{shared_data / MOUSE}: only 0 of 2 possible genes (0%) match the model" in line
     assert "--min-gene-fraction" not in line  # pretrain has no such option
+
+
+def test_ecs_weight_adds_elastic_cell_similarity_to_the_loss(shared_data, tmp_path):
+    pretrain(config(shared_data, tmp_path, max_steps=3, ecs_weight=2.0))
+    rows = [r for r in metrics(tmp_path / "run") if "loss" in r]
+    assert len(rows) == 3
+    for r in rows:
+        assert 0 < r["ecs"] <= 1  # a mean of 1 - (relu(cos) - 0.8)^2 over pairs
+        # float32 sums of parts near 1e3: about 1e-4 apart from the float64 sum of the logged parts
+        assert r["loss"] == pytest.approx(r["gen_mse"] + r["mvc_mse"] + 2.0 * r["ecs"], rel=1e-6)
