@@ -241,12 +241,10 @@ def check_report(
         if color_by:
             raise ValueError("--color-by colours the map of --report: give --report too")
         return None
-    from .report import require
+    from .report import report_path, require
 
     require()
-    report = Path(report)
-    if report.suffix.lower() not in (".html", ".htm"):
-        raise ValueError(f"--report {report}: a report is an .html file")
+    report = report_path(report)
     outputs.check_output(report, overwrite=overwrite, source=file)
     return report
 

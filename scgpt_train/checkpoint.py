@@ -164,9 +164,14 @@ def save_checkpoint(
         _write_checkpoint(tmp, final, step, model, optimizer, state)
     with atomic_path(root / "latest") as t:
         t.write_text(final.name)
-    for old in sorted(root.glob("step-*"))[:-KEEP_CHECKPOINTS]:
+    for old in checkpoints(run_dir)[:-KEEP_CHECKPOINTS]:
         shutil.rmtree(old)
     return final
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    """The complete checkpoints of a run, oldest first (a write in progress is hidden)."""
+    return sorted((Path(run_dir) / "checkpoints").glob("step-*"))
 
 
 def _write_checkpoint(

@@ -13,7 +13,7 @@ import numpy as np
 from scgpt_runtime.errors import InputError
 from scgpt_runtime.io.atomic import atomic_path
 from scgpt_runtime.knn import VOTES
-from scgpt_runtime.report import require
+from scgpt_runtime.report import report_path, require
 
 from .calibration import expected_calibration_error
 from .checkpoint import created, sha256_file
@@ -63,8 +63,8 @@ class EvaluateConfig:
             raise ValueError(
                 "--bundle scores the cell-type head; --reference and --batch-key need --from RUN"
             )
-        if self.report is not None and Path(self.report).suffix.lower() not in (".html", ".htm"):
-            raise ValueError(f"--report {self.report}: a report is an .html file")
+        if self.report is not None:
+            report_path(self.report)
 
 
 def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:

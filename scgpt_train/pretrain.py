@@ -280,9 +280,10 @@ def pretrain(cfg: PretrainConfig, progress: Callable[..., None] | None = None) -
             "grad_norm": round(float(grad_norm), 4),
             **meter.rates(),
         }
-        if val is not None and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+        evaluating = step % cfg.eval_every == 0 or step == cfg.max_steps
+        if val is not None and evaluating:
             last["val_loss"] = round(evaluate(model, val, cfg.seed, vocab, tok_cfg, d), 6)
-        if probe is not None and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+        if probe is not None and evaluating:
             last |= knn_probe(embed(model, probe[0]), probe[1])
         if metrics and (step % cfg.log_every == 0 or "val_loss" in last or step == cfg.max_steps):
             metrics.write(last)

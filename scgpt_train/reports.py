@@ -14,7 +14,7 @@ from scgpt_runtime.report import figures
 from scgpt_runtime.report.document import Report
 from scgpt_runtime.report.embedding_map import map_cells
 
-from .checkpoint import read_json, read_metrics
+from .checkpoint import checkpoints, read_json, read_metrics
 from .metrics import EvaluatedCells
 
 AXES = ("step", "epoch")
@@ -44,7 +44,7 @@ def run_report(run_dir: str | Path) -> Report:
             "state": state,
             "last step": last.get("step"),
             "last epoch": last.get("epoch"),
-            "checkpoints": len(list((run_dir / "checkpoints").glob("step-*"))),
+            "checkpoints": len(checkpoints(run_dir)),
             **{f"provenance {k}": _text(v) for k, v in config.get("provenance", {}).items()},
         },
         id="run-facts",

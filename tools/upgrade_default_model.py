@@ -24,6 +24,7 @@ import numpy as np
 from scgpt_export.to_onnx import served_parameters
 from scgpt_runtime import Model
 from scgpt_runtime.bundle import Variant, load_bundle, write_bundle
+from scgpt_runtime.bundle.format import sha256_file
 from scgpt_runtime.io import open_counts
 from scgpt_runtime.obs import obs_strings
 from scgpt_runtime.results import temperature_scaled
@@ -73,7 +74,7 @@ def upgrade(kang: Path, source: Path, out: Path) -> dict:
         )
     new = load_bundle(out)
     after = _served(new.path, kang)
-    same_graphs = {v.precision: _sha(v.path) for v in new.variants} == {
+    same_graphs = {v.precision: sha256_file(v.path) for v in new.variants} == {
         v.precision: before["graph_sha256"][v.precision] for v in old.variants
     }
     checks = {
@@ -119,7 +120,7 @@ def upgrade(kang: Path, source: Path, out: Path) -> dict:
 def _served(path: Path, kang: Path) -> dict:
     """Embeddings, labels and class probabilities of every Kang cell at each precision."""
     bundle = load_bundle(path)
-    out: dict = {"graph_sha256": {v.precision: _sha(v.path) for v in bundle.variants}}
+    out: dict = {"graph_sha256": {v.precision: sha256_file(v.path) for v in bundle.variants}}
     for precision in bundle.precisions:
         with Model.load(path, device="cpu", precision=precision) as model:
             result = model.annotate(kang)
@@ -141,12 +142,6 @@ def _calibration(kang: Path, bundle, served: dict) -> dict:
     _, val = stratified_split(codes, VAL_FRACTION, SEED)
     probs = served["fp32"]["probs"][control[val]]
     return calibrate(probs, codes[val]) | {"cells": "Kang control, fine-tuning validation split"}
-
-
-def _sha(path: Path) -> str:
-    from scgpt_runtime.bundle.format import sha256_file
-
-    return sha256_file(path)
 
 
 def main() -> None:

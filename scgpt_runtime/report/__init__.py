@@ -4,6 +4,8 @@ cell embeddings (`embedding_map.py`). Commands compose them; nothing here knows 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from ..errors import ScgptError
 
 EXTRA = "report"
@@ -13,6 +15,14 @@ class MissingExtra(ScgptError):
     """An option needs an optional extra that is not installed (a usage error)."""
 
     exit_code = 2
+
+
+def report_path(path: str | Path, option: str = "--report") -> Path:
+    """`path` as a report's file; ValueError (a usage error) unless it names an .html file."""
+    path = Path(path)
+    if path.suffix.lower() not in (".html", ".htm"):
+        raise ValueError(f"{option} {path}: a report is an .html file")
+    return path
 
 
 def require(option: str = "--report") -> None:

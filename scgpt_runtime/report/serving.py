@@ -33,12 +33,13 @@ def serving_report(
         f"{summary['n_cells']} cells, model {settings['bundle']}, "
         f"made {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
     )
+    labels = None if result.class_probs is None else result.predicted_labels  # once: (n,) str
     _run(report, summary, settings)
     _genes(report, summary, result)
     if command == "annotate" and summary["n_cells"]:
-        _labels(report, summary, settings, result)
+        _labels(report, summary, settings, labels, result.conf_score)
     _graphs(report, summary)
-    _maps(report, result, colors, seed)
+    _maps(report, result, labels, colors, seed)
     return report
 
 
@@ -99,7 +100,11 @@ def _genes(report: Report, summary: dict[str, Any], result: Result) -> None:
 
 
 def _labels(
-    report: Report, summary: dict[str, Any], settings: dict[str, Any], result: Result
+    report: Report,
+    summary: dict[str, Any],
+    settings: dict[str, Any],
+    labels: np.ndarray,
+    conf: np.ndarray,
 ) -> None:
     n, counts = summary["n_cells"], summary["label_counts"]
     report.section("Predicted labels", "labels")
@@ -124,7 +129,6 @@ def _labels(
         id="unknown",
     )
     report.section("Confidence", "confidence")
-    labels, conf = result.predicted_labels, result.conf_score
     shown = [k for k in counts if k != UNKNOWN][: figures.MAX_CATEGORIES]
     if UNKNOWN in counts:
         shown.append(UNKNOWN)
@@ -144,7 +148,13 @@ def _graphs(report: Report, summary: dict[str, Any]) -> None:
     report.table(["tokens", "cells"], list(graphs.items()), id="graphs")
 
 
-def _maps(report: Report, result: Result, colors: dict[str, np.ndarray], seed: int) -> None:
+def _maps(
+    report: Report,
+    result: Result,
+    labels: np.ndarray | None,
+    colors: dict[str, np.ndarray],
+    seed: int,
+) -> None:
     if result.n_cells < 3:
         return
     shown = map_cells(result.embedding, seed)
@@ -154,8 +164,8 @@ def _maps(report: Report, result: Result, colors: dict[str, np.ndarray], seed: i
         note += f" (a random subset, seed {seed})"
     report.text(note + ".", note=True)
     panels = {}
-    if result.class_probs is not None:
-        panels["predicted label"] = result.predicted_labels
+    if labels is not None:
+        panels["predicted label"] = labels
     panels |= {f"obs {k}": v for k, v in colors.items()}
     if not panels:
         panels["genes the model saw"] = result.n_genes

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import click
 
 from scgpt_runtime.cli.common import EXIT_CODES
 from scgpt_runtime.outputs import check_output
-from scgpt_runtime.report import require
+from scgpt_runtime.report import report_path, require
 
 
 @click.command(
@@ -29,14 +28,16 @@ def report(run: str, out: str, overwrite: bool, as_json: bool) -> None:
     train beside validation), learning rate, throughput, validation scores, the last logged
     values, the run's configuration and provenance. Works on a run that is still training:
     it shows what metrics.jsonl holds so far. Needs the [report] extra."""
-    if Path(out).suffix.lower() not in (".html", ".htm"):
-        raise click.UsageError(f"--out {out}: a report is an .html file")
+    try:
+        path = report_path(out, "--out")
+    except ValueError as e:
+        raise click.UsageError(str(e)) from e
     require()
-    check_output(Path(out), overwrite=overwrite)
+    check_output(path, overwrite=overwrite)
     from ..reports import run_report
 
     page = run_report(run)
-    page.write(out)
+    page.write(path)
     if as_json:
         click.echo(json.dumps({"run": run, "output": out, "sections": page.anchors()}))
     else:
