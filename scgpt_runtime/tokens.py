@@ -208,6 +208,31 @@ def tokenize(
     return out
 
 
+def bin_dense(
+    block: CsrBlock, columns: np.ndarray, gene_ids: np.ndarray, cfg: TokenConfig
+) -> np.ndarray:
+    """(n_rows, len(columns)) float32 bins of the given columns, zeros included (bin 0): the
+    input of a model that sees every gene of a panel (perturbation). Normalisation, log1p and
+    bin edges are those of `tokenize` over the same genes; `gene_ids` (the columns' vocabulary
+    ids) seed the official binning draw."""
+    lookup = np.full(block.n_cols, -1, dtype=np.int64)
+    lookup[columns] = np.arange(len(columns))
+    position = lookup[block.indices]
+    values = np.asarray(block.data, dtype=np.float32)
+    keep = (position >= 0) & (values != 0)
+    indptr = np.concatenate([[0], np.cumsum(keep)])[block.indptr]
+    values, position = values[keep], position[keep]
+    if cfg.target_sum is not None:
+        values = scale_rows(values, indptr, cfg.target_sum)
+    if cfg.log1p:
+        values = np.log1p(values)
+    genes = np.asarray(gene_ids, dtype=np.int64)[position]
+    bins = bin_rows(values, indptr, cfg.n_bins, cfg.binning, cfg.seed, block.start, genes)
+    out = np.zeros((block.n_rows, len(columns)), dtype=np.float32)
+    out[np.repeat(np.arange(block.n_rows), np.diff(indptr)), position] = bins
+    return out
+
+
 def empty_block(
     specs: tuple[InputSpec, ...], n_cells: int, width: int, start: int = 0
 ) -> TokenBlock:

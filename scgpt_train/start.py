@@ -75,10 +75,11 @@ def start_from(
     paths: list[str],
     gene_column: str | None,
     seed: int,
+    extra_genes: list[str] | None = None,
 ) -> Start:
     """A run's vocabulary, TokenConfig and weights (`run`), or a preset with a vocabulary of
-    every gene of `paths` (run None). `model` overrides config fields; `tokens` apply only
-    from scratch."""
+    every gene of `paths` and `extra_genes` (run None). `model` overrides config fields;
+    `tokens` apply only from scratch."""
     if run is not None:
         if tokens:
             raise ValueError("token settings apply to --from-scratch: a run keeps its TokenConfig")
@@ -86,6 +87,8 @@ def start_from(
         base = {**info.model.to_dict(), **model}
         return Start(info.vocab, info.tokens, base, str(run), info, net.state_dict())
     vocab = build_vocab([Path(p) for p in paths], gene_column)
+    if extra_genes:
+        vocab = Vocab.from_genes([*vocab.names, *extra_genes])
     cfg = ModelConfig.from_name(preset, vocab_size=len(vocab), pad_id=vocab.pad_id, **model)
     defaults = {"max_seq_len": cfg.max_seq_len, "n_bins": cfg.n_bins, "seed": seed}
     return Start(vocab, TokenConfig(**{**defaults, **tokens}), cfg.to_dict())

@@ -6,14 +6,16 @@ from scgpt_runtime.cli.common import command_group
 
 from .evaluate import evaluate
 from .finetune import finetune
+from .perturb import finetune_perturb_command, perturb
 from .pretrain import import_scgpt, pretrain
 from .report import report
 
 cli = command_group(
-    "Train scGPT models with PyTorch: pretrain, fine-tune, evaluate, report, import official "
-    "checkpoints."
+    "Train scGPT models with PyTorch: pretrain, fine-tune, predict perturbations, evaluate, "
+    "report, import official checkpoints."
 )
-for command in (pretrain, import_scgpt, finetune, evaluate, report):
+finetune.add_command(finetune_perturb_command)
+for command in (pretrain, import_scgpt, finetune, perturb, evaluate, report):
     cli.add_command(command)
 
 
