@@ -236,6 +236,7 @@ def reverse_table(screen, test, preds, centroids, ctrl) -> dict[str, Any]:
         out[method] = {
             "top1": round(float(np.mean([h[0] for h in hits])), 4),
             "top3": round(float(np.mean([h[1] for h in hits])), 4),
+            "top1_per_condition": dict(zip(test, (h[0] for h in hits), strict=True)),
         }
     return out
 
