@@ -21,7 +21,7 @@ from ..errors import InputError, OutputError
 from .atomic import atomic_path
 from .base import HDF5_ERRORS, CountMatrix
 
-__all__ = ["add_to_h5ad", "write_new_h5ad"]
+__all__ = ["add_to_h5ad", "write_dense_h5ad", "write_new_h5ad"]
 
 _STR = h5py.string_dtype()  # variable-length UTF-8, what anndata writes for strings
 
@@ -102,6 +102,40 @@ def write_new_h5ad(
             _write_dict(h5, key, {})
         _write_entries(h5["obsm"], obsm)
         _write_entries(h5["uns"], uns)
+    return dst
+
+
+def write_dense_h5ad(
+    dst: Path,
+    x: np.ndarray,
+    obs_names: np.ndarray,
+    var_names: np.ndarray,
+    *,
+    obs: Mapping[str, np.ndarray] | None = None,
+    obsm: Mapping[str, np.ndarray] | None = None,
+    uns: Mapping[str, object] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """A new .h5ad of a dense float matrix `x` (rows `obs_names`, columns `var_names`): for
+    values that are not counts, such as gene embeddings (X as anndata's dense array 0.2.0)."""
+    dst, obs, obsm = Path(dst), dict(obs or {}), dict(obsm or {})
+    if x.shape != (len(obs_names), len(var_names)):
+        raise ValueError(f"x has shape {x.shape} for {len(obs_names)} x {len(var_names)} names")
+    _check_target(dst, None, overwrite)
+    _check_sizes(len(obs_names), obs, obsm)
+    with atomic_path(dst) as tmp, h5py.File(tmp, "w") as h5:
+        _set_encoding(h5, "anndata", "0.1.0")
+        _set_encoding(
+            h5.create_dataset("X", data=np.asarray(x, dtype=np.float32)), "array", "0.2.0"
+        )
+        _write_dataframe(h5, "obs", np.asarray(obs_names).astype(str))
+        for name, values in obs.items():
+            _set_obs_column(h5["obs"], name, values, "0.2.0")
+        _write_dataframe(h5, "var", np.asarray(var_names).astype(str))
+        for key in ("obsm", "uns", "layers", "obsp", "varm", "varp"):
+            _write_dict(h5, key, {})
+        _write_entries(h5["obsm"], obsm)
+        _write_entries(h5["uns"], dict(uns or {}))
     return dst
 
 

@@ -6,6 +6,7 @@ from scgpt_runtime.cli.common import command_group
 
 from .evaluate import evaluate
 from .finetune import finetune
+from .genes import genes
 from .perturb import finetune_perturb_command, perturb
 from .pretrain import import_scgpt, pretrain
 from .report import report
@@ -15,7 +16,7 @@ cli = command_group(
     "report, import official checkpoints."
 )
 finetune.add_command(finetune_perturb_command)
-for command in (pretrain, import_scgpt, finetune, perturb, evaluate, report):
+for command in (pretrain, import_scgpt, finetune, perturb, genes, evaluate, report):
     cli.add_command(command)
 
 
