@@ -11,7 +11,6 @@ trained on.
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -27,6 +26,7 @@ from .calibration import calibrate
 from .cells import MISSING, class_names, codes_of, load_cells, minibatches, stratified_split
 from .checkpoint import MetricsLog, RunInfo, new_run_dir, save_run, write_json
 from .distributed import resolve_device
+from .epochs import BestEpoch, epoch_row, optimizer_step, set_epoch_lr
 from .inference import batch_inputs, codes_tensor, predict
 from .metrics import accuracy, macro_f1
 from .model import ScGPT
@@ -147,12 +147,10 @@ def finetune_annotate(cfg: AnnotateConfig) -> dict[str, Any]:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     metrics = MetricsLog(out)
-    best: dict[str, Any] = {"val_macro_f1": -1.0, "epoch": 0}
-    best_state = copy.deepcopy(model.state_dict())
-    step, stale = 0, 0
+    best = BestEpoch(model, "val_macro_f1", cfg.patience)
+    step = 0
     for epoch in range(1, cfg.epochs + 1):
-        for group in optimizer.param_groups:
-            group["lr"] = cfg.lr * cfg.lr_decay ** (epoch - 1)
+        set_epoch_lr(optimizer, cfg.lr, cfg.lr_decay, epoch)
         model.train()
         rng = np.random.default_rng(step_seed(cfg.seed, epoch))
         groups = None if batch_codes is None else batch_codes[train]
@@ -163,18 +161,9 @@ def finetune_annotate(cfg: AnnotateConfig) -> dict[str, Any]:
                 *batch_inputs(cells.tokens, rows, device), codes_tensor(batch_codes, rows, device)
             )["cls_output"]
             loss = annotation_loss(logits, codes_tensor(codes, rows, device), weight)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())
+            losses.append(optimizer_step(loss, params, optimizer, cfg.grad_clip))
             step += 1
-        row = {
-            "epoch": epoch,
-            "step": step,
-            "loss": round(float(np.mean(losses)), 6),
-            "lr": round(optimizer.param_groups[0]["lr"], 8),
-        }
+        row = epoch_row(epoch, step, losses, optimizer)
         if len(val):
             vt = cells.tokens.take(val)
             vb = None if batch_codes is None else batch_codes[val]
@@ -184,17 +173,10 @@ def finetune_annotate(cfg: AnnotateConfig) -> dict[str, Any]:
             row["val_accuracy"] = round(accuracy(truth, pred), 4)
         metrics.write(row)
         log.info("epoch %d/%d %s", epoch, cfg.epochs, row)
-        if not len(val) or row["val_macro_f1"] > best["val_macro_f1"]:
-            best = {**row}
-            best_state = copy.deepcopy(model.state_dict())
-            stale = 0
-        else:
-            stale += 1
-            if stale >= cfg.patience:
-                log.info("no better validation macro-F1 for %d epochs: stopping", stale)
-                break
+        if best.update(model, row):
+            break
     metrics.close()
-    model.load_state_dict(best_state)
+    model.load_state_dict(best.state)
     calibration = None
     if len(val):  # the best epoch's confidence on the validation cells, made honest
         vb = None if batch_codes is None else batch_codes[val]
@@ -215,9 +197,9 @@ def finetune_annotate(cfg: AnnotateConfig) -> dict[str, Any]:
     summary = {
         "out": str(out),
         "epochs_run": epoch,
-        "best_epoch": best["epoch"],
-        "val_macro_f1": best.get("val_macro_f1"),
-        "val_accuracy": best.get("val_accuracy"),
+        "best_epoch": best.row["epoch"],
+        "val_macro_f1": best.row.get("val_macro_f1"),
+        "val_accuracy": best.row.get("val_accuracy"),
         "calibration": calibration,
         "n_train": len(train),
         "n_val": len(val),

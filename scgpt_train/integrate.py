@@ -26,6 +26,7 @@ from scgpt_runtime.errors import InputError
 from .cells import MISSING, codes_of, load_cells, minibatches
 from .checkpoint import MetricsLog, RunInfo, new_run_dir, save_run, write_json
 from .distributed import resolve_device
+from .epochs import optimizer_step, set_epoch_lr
 from .inference import batch_inputs, codes_tensor
 from .model import ScGPT
 from .objectives import cross_entropy, ecs_loss, masked_mse
@@ -154,8 +155,7 @@ def finetune_integrate(cfg: IntegrateConfig) -> dict[str, Any]:
     step, last = 0, {}
     with MetricsLog(out) as metrics:
         for epoch in range(1, cfg.epochs + 1):
-            for group in optimizer.param_groups:
-                group["lr"] = cfg.lr * cfg.lr_decay ** (epoch - 1)
+            set_epoch_lr(optimizer, cfg.lr, cfg.lr_decay, epoch)
             model.train()
             rng = np.random.default_rng(step_seed(cfg.seed, epoch))
             groups = batch_codes[rows] if cfg.dsbn else None
@@ -173,10 +173,7 @@ def finetune_integrate(cfg: IntegrateConfig) -> dict[str, Any]:
                     cfg,
                     gen,
                 )
-                parts["loss"].backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                optimizer_step(parts["loss"], model.parameters(), optimizer, cfg.grad_clip)
                 for k, v in parts.items():
                     sums[k] = sums.get(k, 0.0) + v.item()
                 n, step = n + 1, step + 1

@@ -12,7 +12,6 @@ the change from the control mean); the best epoch is kept.
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -31,6 +30,7 @@ from scgpt_runtime.outputs import check_output
 
 from .checkpoint import MetricsLog, RunInfo, load_run, new_run_dir, save_run, write_json
 from .distributed import resolve_device
+from .epochs import BestEpoch, epoch_row, optimizer_step, set_epoch_lr
 from .model import ScGPT
 from .objectives import masked_mse
 from .perturb_data import (
@@ -133,7 +133,7 @@ def predict_cells(
     model.eval()
     device = next(model.parameters()).device
     flagged = flagged_columns(screen, [targets])
-    n_extra = sum(screen.column(g) < 0 for g in targets)
+    n_extra = len(screen.outside(targets))
     out = np.empty((len(control_rows), len(screen.genes)), dtype=np.float32)
     for columns in panel_chunks(len(screen.genes), flagged, max_len - 1 - n_extra):
         for lo in range(0, len(control_rows), batch_size):
@@ -150,7 +150,7 @@ def validation_score(
     model: ScGPT, info: RunInfo, screen: Screen, conditions: list[str], controls: np.ndarray, cfg
 ) -> dict[str, float]:
     """Mean pearson_delta and MSE of the predicted mean profiles of held-out conditions."""
-    ctrl_mean = screen.expression[screen.is_control].mean(axis=0)
+    ctrl_mean = screen.control_mean()
     deltas, errors = [], []
     for c in conditions:
         pred = predict_cells(model, info, screen, controls, screen.targets[c], cfg.max_len)
@@ -213,11 +213,10 @@ def finetune_perturb(cfg: PerturbConfig) -> dict[str, Any]:
     examples = np.concatenate([controls] + [screen.cells_of(c) for c in train])
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     metrics = MetricsLog(out)
-    best: dict[str, Any] = {"val_pearson_delta": -np.inf, "epoch": 0}
-    best_state, step, stale = copy.deepcopy(model.state_dict()), 0, 0
+    best = BestEpoch(model, "val_pearson_delta", cfg.patience)
+    step = 0
     for epoch in range(1, cfg.epochs + 1):
-        for group in optimizer.param_groups:
-            group["lr"] = cfg.lr * cfg.lr_decay ** (epoch - 1)
+        set_epoch_lr(optimizer, cfg.lr, cfg.lr_decay, epoch)
         model.train()
         rng = np.random.default_rng(step_seed(cfg.seed, epoch))
         order = rng.permutation(examples)
@@ -225,48 +224,26 @@ def finetune_perturb(cfg: PerturbConfig) -> dict[str, Any]:
         losses = []
         for lo in range(0, len(order), cfg.batch_size):
             torch.manual_seed(step_seed(cfg.seed, epoch, step))  # dropout
-            loss = train_step(
-                model,
-                info,
-                screen,
-                order[lo : lo + cfg.batch_size],
-                paired[lo : lo + cfg.batch_size],
-                cfg,
-                rng,
-                device,
-            )
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())
+            rows, pairs = order[lo : lo + cfg.batch_size], paired[lo : lo + cfg.batch_size]
+            loss = train_step(model, info, screen, rows, pairs, cfg, rng, device)
+            losses.append(optimizer_step(loss, model.parameters(), optimizer, cfg.grad_clip))
             step += 1
-        row = {
-            "epoch": epoch,
-            "step": step,
-            "loss": round(float(np.mean(losses)), 6),
-            "lr": round(optimizer.param_groups[0]["lr"], 8),
-        }
+        row = epoch_row(epoch, step, losses, optimizer)
         if val:
             row.update(validation_score(model, info, screen, val, val_controls, cfg))
         metrics.write(row)
         log.info("epoch %d/%d %s", epoch, cfg.epochs, row)
-        if not val or row["val_pearson_delta"] > best["val_pearson_delta"]:
-            best, best_state, stale = dict(row), copy.deepcopy(model.state_dict()), 0
-        else:
-            stale += 1
-            if stale >= cfg.patience:
-                log.info("no better validation pearson_delta for %d epochs: stopping", stale)
-                break
+        if best.update(model, row):
+            break
     metrics.close()
-    model.load_state_dict(best_state)
+    model.load_state_dict(best.state)
     save_run(out, model.cpu(), info)
     summary = {
         "out": str(out),
         "epochs_run": epoch,
-        "best_epoch": best["epoch"],
-        "val_pearson_delta": best.get("val_pearson_delta"),
-        "val_mse": best.get("val_mse"),
+        "best_epoch": best.row["epoch"],
+        "val_pearson_delta": best.row.get("val_pearson_delta"),
+        "val_mse": best.row.get("val_mse"),
         "panel_genes": len(screen.genes),
         "train_conditions": train,
         "val_conditions": val,
@@ -290,7 +267,7 @@ def train_step(
 ) -> torch.Tensor:
     """The MSE of one minibatch: cells `rows` predicted from the control cells `controls`."""
     targets = [screen.targets[c] for c in screen.conditions[rows]]
-    n_extra = max(sum(screen.column(g) < 0 for g in t) for t in targets)
+    n_extra = max(len(screen.outside(t)) for t in targets)
     columns = sampled_columns(
         len(screen.genes), flagged_columns(screen, targets), cfg.max_len - 1 - n_extra, rng
     )

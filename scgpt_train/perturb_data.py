@@ -75,6 +75,14 @@ class Screen:
         """The panel column of a gene; -1 when it is not in the panel."""
         return self.genes.index(gene) if gene in self.genes else -1
 
+    def outside(self, targets: tuple[str, ...]) -> list[str]:
+        """The targets that are not panel genes: each an extra flagged token."""
+        return [g for g in targets if self.column(g) < 0]
+
+    def control_mean(self) -> np.ndarray:
+        """(G,) mean log1p(CP10k) of the control cells."""
+        return self.expression[self.is_control].mean(axis=0)
+
 
 def load_screen(
     path: str | Path,
@@ -203,7 +211,7 @@ def make_inputs(
     """The inputs of control cells `control_rows` with `targets[i]` flagged in row i, over
     the panel `columns` (which must hold every flagged panel gene)."""
     B = len(control_rows)
-    extras = [[g for g in t if screen.column(g) < 0] for t in targets]
+    extras = [screen.outside(t) for t in targets]
     E = max((len(e) for e in extras), default=0)
     L = 1 + E + len(columns)
     gene_ids = np.full((B, L), vocab.pad_id, dtype=np.int64)

@@ -15,13 +15,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 
 from scgpt_runtime.errors import InputError
 
 from .distributed import resolve_device
+from .gene_embeddings import encoder_embeddings
 from .perturb import load_perturbation_run, predict_cells
-from .perturb_data import Screen, condition_targets, load_screen
+from .perturb_data import Screen, condition_targets, flagged_columns, load_screen
 from .perturb_metrics import (
     centroid_hits,
     condition_metrics,
@@ -98,7 +98,7 @@ def evaluate_perturbation(cfg: PerturbEvalConfig) -> dict[str, Any]:
     rng = np.random.default_rng(step_seed(cfg.seed, 1))
     controls = np.flatnonzero(screen.is_control)
     inputs = np.sort(rng.permutation(controls)[: cfg.n_controls])
-    ctrl = screen.expression[controls].mean(0)
+    ctrl = screen.control_mean()
     centroids = {c: screen.centroid(c) for c in screen.perturbations()}
     pert = np.mean([centroids[c] for c in trained], axis=0)
     max_len = int(info.train.get("max_len", 1536))
@@ -114,8 +114,8 @@ def evaluate_perturbation(cfg: PerturbEvalConfig) -> dict[str, Any]:
     ceiling_rng = np.random.default_rng(step_seed(cfg.seed, 2))
     for c in test:
         cells = screen.cells_of(c)
-        skip = np.array([screen.column(g) for g in screen.targets[c] if screen.column(g) >= 0])
-        de = de_genes(screen.expression[cells], screen.expression[controls], skip.astype(np.int64))
+        skip = flagged_columns(screen, [screen.targets[c]])
+        de = de_genes(screen.expression[cells], screen.expression[controls], skip)
         for method in METHODS[:-1]:
             per[method][c] = condition_metrics(preds[method][c], centroids[c], ctrl, pert, de)
         a, b = halves(cells, ceiling_rng)
@@ -126,7 +126,7 @@ def evaluate_perturbation(cfg: PerturbEvalConfig) -> dict[str, Any]:
     for method in METHODS[:-1]:
         for c in test:
             per[method][c]["centroid_accuracy"] = centroid_acc[method][c]
-    in_panel = [c for c in test if all(screen.column(g) >= 0 for g in screen.targets[c])]
+    in_panel = [c for c in test if not screen.outside(screen.targets[c])]
     groups = {
         "all": test,
         "in_panel": in_panel,
@@ -174,17 +174,12 @@ def baseline_predictions(
     deltas = np.stack([centroids[c] - ctrl for c in trained])  # (P, G)
 
     def columns(c: str) -> np.ndarray:
-        return np.array(
-            [screen.column(g) for g in screen.targets[c] if screen.column(g) >= 0], dtype=np.int64
-        )
+        return flagged_columns(screen, [screen.targets[c]])
 
     linear = linear_model(deltas, [columns(c) for c in trained])
-    with torch.no_grad():
-        device = next(model.parameters()).device
-        emb = model.encoder(torch.from_numpy(np.arange(len(info.vocab))).to(device)).cpu().numpy()
 
     def embedding(c: str) -> np.ndarray:
-        return emb[info.vocab.lookup(screen.targets[c])].sum(0)
+        return encoder_embeddings(model, info.vocab.lookup(screen.targets[c])).sum(0)
 
     ridge = embedding_ridge(np.stack([embedding(c) for c in trained]), deltas)
     return {
