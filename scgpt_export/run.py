@@ -10,6 +10,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 import onnxruntime
 import torch
@@ -25,6 +26,7 @@ from scgpt_runtime.errors import InputError
 from scgpt_runtime.io.atomic import atomic_dir, output_errors, writing
 from scgpt_runtime.session import PROVIDERS
 from scgpt_train.checkpoint import RunInfo, command_line, created, load_run
+from scgpt_train.gene_embeddings import encoder_embeddings
 from scgpt_train.model import MASK_BIAS
 
 from .ladder import choose_ladder, halving_ladder
@@ -75,7 +77,8 @@ def export_run(
         batch_size: cells per validation batch. overwrite: replace an existing bundle.
     Returns a summary: bundle path, the graph files and their bytes, per variant (precision and
     length) its file and errors, seconds of each step (export, conversions, validations), the
-    validation record, total seconds.
+    validation record, the shape of the gene embeddings stored (every vocabulary id's gene
+    encoder output), total seconds.
     Raises ToleranceError (a BundleError) where a graph misses its tolerance, InputError where
     the run or its validation data cannot be read; nothing is written then.
     """
@@ -170,6 +173,7 @@ def export_run(
             calibration=info.calibration,
             validation=validation,
             provenance={"training": info.provenance, "export": _provenance(run, opset)},
+            gene_embeddings=encoder_embeddings(model, np.arange(len(info.vocab))),
             overwrite=overwrite,
         )
     bundle = load_bundle(out, verify=False)
@@ -187,6 +191,7 @@ def export_run(
         ],
         "lengths": lengths,
         "left_out": left_out,
+        "gene_embeddings": bundle.config["genes"]["shape"],
         "timings": timings,
         "validation": validation,
         "seconds": round(time.perf_counter() - t_start, 2),

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
-from .errors import GeneMatchError
+from .errors import GeneMatchError, InputError
 from .vocab import SPECIALS, Vocab
 
 # Identifier columns, most preferred first: CELLxGENE's feature_name is what the official
@@ -65,6 +66,19 @@ class GeneMatch:
             "n_duplicates": self.n_duplicates,
             "unmatched_examples": self.unmatched_examples,
         }
+
+
+def read_gene_list(path: str | Path) -> list[str]:
+    """Gene names of a text file, one per line: blank lines, # comments and the spaces around
+    a name are ignored, repeats kept once."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: not a readable text file of gene names ({e})") from e
+    names = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not names:
+        raise InputError(f"{path}: lists no genes; give one gene name per line")
+    return list(dict.fromkeys(names))
 
 
 def strip_versions(names: np.ndarray) -> np.ndarray:

@@ -119,7 +119,7 @@ def write(
         return out
     if kind == "npy":
         with atomic_path(out) as tmp, tmp.open("wb") as f:
-            _save_npy(f, result.embedding)
+            save_npy(f, result.embedding)
         return out
     if kind in ("h5ad", "inplace"):
         obs = {} if ann is None else _annotation_columns(ann, top_k, prefix)
@@ -375,7 +375,7 @@ def _read_part(path: Path) -> dict[str, Any]:
         raise InputError(f"{path}: damaged part file ({e!r})") from e
 
 
-def _save_npy(f: IO[bytes], array: np.ndarray) -> None:
+def save_npy(f: IO[bytes], array: np.ndarray) -> None:
     """np.save's format, written through Python: np.save's tofile loses a short write (a full
     disk) without an error."""
     array = np.ascontiguousarray(array)

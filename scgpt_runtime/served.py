@@ -29,8 +29,9 @@ from .bundle import (
     CONFIG_FILE,
     Bundle,
     load_bundle,
+    load_gene_embeddings,
 )
-from .errors import BundleError
+from .errors import BundleError, GeneMatchError
 from .session import DEVICES, Runner, resolve_device
 from .tokens import PAD_MASK, TokenBlock, empty_block
 
@@ -60,6 +61,28 @@ def bundle_or_default(bundle: str | Path | None) -> str | Path:
                 "no model bundle given and no default model installed: pass --model BUNDLE"
             )
     return bundle
+
+
+def gene_embeddings(
+    bundle: Bundle, genes: Sequence[str] | None = None
+) -> tuple[list[str], np.ndarray]:
+    """The gene embeddings stored in `bundle` (see `ServedModel.gene_embeddings`)."""
+    table = load_gene_embeddings(bundle)
+    vocab = bundle.vocab
+    if genes is None:
+        # A gene's name looked up among the genes finds its own id; the special tokens and the
+        # tokens of other namespaces (a protein CD4 beside the gene CD4) do not.
+        ids = np.flatnonzero(vocab.lookup(vocab.names) == np.arange(len(vocab)))
+    else:
+        genes = [str(g) for g in genes]
+        ids = vocab.lookup(genes)
+        if unknown := [g for g, i in zip(genes, ids.tolist(), strict=True) if i < 0]:
+            more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+            raise GeneMatchError(
+                f"{bundle.path}: {len(unknown)} of {len(genes)} genes are not in the model "
+                f"vocabulary: {', '.join(unknown[:5])}{more} (names are exact and case-sensitive)"
+            )
+    return [vocab.names[i] for i in ids], table[ids]
 
 
 def default_threads() -> int:
@@ -148,6 +171,13 @@ class ServedModel:
     @property
     def d_model(self) -> int:
         return self.bundle.graphs["embed"].outputs[CELL_EMB]
+
+    def gene_embeddings(self, genes: Sequence[str] | None = None) -> tuple[list[str], np.ndarray]:
+        """Gene names and their (n, d_model) float32 embeddings, the gene encoder output stored
+        at export: of `genes` in the order given, or of every gene of the vocabulary in id
+        order (None). No graph runs. Raises GeneMatchError naming genes not in the vocabulary,
+        BundleError for a bundle exported without gene embeddings."""
+        return gene_embeddings(self.bundle, genes)
 
     @property
     def provider(self) -> str:

@@ -4,6 +4,8 @@ BUNDLE/
   config.json                  format, version, model, preprocessing, inputs, graphs by kind
                                with their validation errors, provenance, sha256 of every file
   vocab.safetensors            token names (and namespaces), label names, gene panel
+  genes.safetensors            gene embeddings, one row per vocabulary id (optional: bundles
+                               exported before them lack it)
   {kind}-{precision}.onnx      one graph per kind and precision, serving every length
   evaluation.json              held-out metrics recorded after export (optional)
 
@@ -24,7 +26,7 @@ from .format import (
     Variant,
     graph_file,
 )
-from .read import load_bundle
+from .read import load_bundle, load_gene_embeddings
 from .write import check_target, record_evaluation, write_bundle
 
 __all__ = [
@@ -41,6 +43,7 @@ __all__ = [
     "check_target",
     "graph_file",
     "load_bundle",
+    "load_gene_embeddings",
     "record_evaluation",
     "write_bundle",
 ]

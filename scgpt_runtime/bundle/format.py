@@ -25,6 +25,9 @@ FORMAT_VERSION = 2  # what write_bundle writes
 READ_VERSIONS = (1, 2)  # what load_bundle reads
 CONFIG_FILE = "config.json"
 VOCAB_FILE = "vocab.safetensors"
+GENES_FILE = "genes.safetensors"  # the gene embeddings; optional, older bundles lack it
+GENE_EMBEDDINGS = "gene_embeddings"  # its tensor: (n_tokens, d_model) float32, row i = id i
+GENE_EMBEDDING_DESCRIPTION = "gene encoder output (LayerNorm of the embedding row)"
 EVALUATION_FILE = "evaluation.json"  # held-out metrics recorded after export (not checksummed)
 PRECISIONS = ("fp32", "fp16", "int8")
 EMBED = "embed"  # the graph kind of cell embeddings and the cell-type head
@@ -66,6 +69,7 @@ class Bundle:
     inputs: tuple[InputSpec, ...]  # the graph inputs, in order, as declared
     graphs: dict[str, Graphs]  # graph kind -> its graphs
     parameters: int | None  # parameters of the served model, counted at export (v2)
+    gene_embeddings_file: Path | None  # None: exported before bundles carried them
 
     @property
     def sha256(self) -> str:

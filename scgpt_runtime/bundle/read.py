@@ -23,6 +23,7 @@ from .format import (
     CONFIG_FILE,
     EMBED,
     FORMAT,
+    GENE_EMBEDDINGS,
     PRECISIONS,
     READ_VERSIONS,
     Bundle,
@@ -35,8 +36,8 @@ from .format import (
 
 def load_bundle(path: str | Path, *, verify: bool = True) -> Bundle:
     """Read and check a bundle: format, version, files present, sha256 of every file (unless
-    verify=False), vocabulary, inputs and graphs. Raises BundleError naming the problem and
-    the file."""
+    verify=False), vocabulary, inputs, graphs and the gene embeddings record (the embeddings
+    are read by `load_gene_embeddings`). Raises BundleError naming the problem and the file."""
     path = Path(path)
     if not path.is_dir():
         what = "no such directory" if not path.exists() else "not a directory"
@@ -142,7 +143,49 @@ def _bundle(path: Path, config: dict[str, Any]) -> Bundle:
         t = config["calibration"]["temperature"]
         if not labels or not isinstance(t, int | float) or not 0 < t < float("inf"):
             raise ValueError("calibration needs a cell-type head and a positive temperature")
-    return Bundle(path, config, tokens, vocab, labels, gene_panel, inputs, graphs, parameters)
+    genes = _genes_file(path, config)
+    return Bundle(
+        path, config, tokens, vocab, labels, gene_panel, inputs, graphs, parameters, genes
+    )
+
+
+def _genes_file(path: Path, config: dict[str, Any]) -> Path | None:
+    """The gene embeddings file its record names, checked but not read (a whole-human one is
+    124 MB); None where the bundle has none."""
+    record = config.get("genes")
+    if record is None:
+        return None
+    if record["file"] not in config["files"]:
+        raise BundleError(
+            f"{path / record['file']}: not listed in {CONFIG_FILE} files (no checksum)"
+        )
+    model = config["model"]
+    if record["shape"] != [model["vocab_size"], model["d_model"]] or record["dtype"] != "float32":
+        raise ValueError("genes must be float32 of shape [vocab_size, d_model]")
+    return path / record["file"]
+
+
+def load_gene_embeddings(bundle: Bundle) -> np.ndarray:
+    """The (n_tokens, d_model) float32 gene embeddings, row i for vocabulary id i. Raises
+    BundleError where the bundle has none or their file is damaged."""
+    file = bundle.gene_embeddings_file
+    if file is None:
+        raise BundleError(
+            f"{bundle.path}: has no gene embeddings (exported before they were added); "
+            "export it again with scgpt-train export"
+        )
+    try:
+        x = load_file(file).get(GENE_EMBEDDINGS)
+    except (OSError, SafetensorError) as e:
+        raise BundleError(f"{file}: not a readable safetensors file ({e})") from e
+    shape = (len(bundle.vocab), bundle.config["model"]["d_model"])
+    if x is None or x.dtype != np.float32 or x.shape != shape:
+        found = "nothing" if x is None else f"{x.dtype} {x.shape}"
+        raise BundleError(
+            f"{file}: {GENE_EMBEDDINGS} must be float32 {shape}, not {found}; "
+            "export the bundle again"
+        )
+    return x
 
 
 def _inputs(records: list[dict[str, Any]], made: tuple[InputSpec, ...]) -> tuple[InputSpec, ...]:

@@ -29,6 +29,9 @@ from .format import (
     EVALUATION_FILE,
     FORMAT,
     FORMAT_VERSION,
+    GENE_EMBEDDING_DESCRIPTION,
+    GENE_EMBEDDINGS,
+    GENES_FILE,
     VOCAB_FILE,
     Variant,
     encode_strings,
@@ -73,6 +76,7 @@ def write_bundle(
     calibration: Mapping[str, Any] | None = None,
     validation: Mapping[str, Any] | None = None,
     provenance: Mapping[str, Any] | None = None,
+    gene_embeddings: np.ndarray | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Write a bundle directory at `out`; the variants' ONNX files are moved into it (the
@@ -86,6 +90,8 @@ def write_bundle(
         parameters: parameters of what the graphs compute (the model without its training
             decoders). calibration: the head's temperature ("temperature") and its record,
             applied by the runtime to class_probs. validation, provenance: stored as they are.
+        gene_embeddings: (len(vocab), d_model), row i the gene encoder output of id i, stored
+            as float32 in genes.safetensors (None: a bundle without them).
     Returns the bundle path. Raises OutputError where `out` exists (see check_target).
     """
     out = check_target(out, overwrite)
@@ -96,9 +102,32 @@ def write_bundle(
         if not labels or not calibration.get("temperature", 0) > 0:
             raise ValueError("a calibration needs a cell-type head and a positive temperature")
         config = {**config, "calibration": dict(calibration)}
+    if gene_embeddings is not None:
+        gene_embeddings = _checked_embeddings(gene_embeddings, len(vocab), model["d_model"])
+        config = {**config, "genes": _genes_record(gene_embeddings)}
     with writing():
-        _write_files(out, config, vocab, labels, gene_panel, variants)
+        _write_files(out, config, vocab, labels, gene_panel, variants, gene_embeddings)
     return out
+
+
+def _checked_embeddings(x: np.ndarray, n_tokens: int, d_model: int) -> np.ndarray:
+    """`x` as float32, after checking it has one finite row of d_model per token."""
+    x = np.asarray(x)
+    if x.shape != (n_tokens, d_model) or x.dtype.kind != "f" or not np.isfinite(x).all():
+        raise ValueError(
+            f"gene_embeddings must be finite floats of shape ({n_tokens}, {d_model}), "
+            f"not {x.dtype} {x.shape}"
+        )
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def _genes_record(x: np.ndarray) -> dict[str, Any]:
+    return {
+        "file": GENES_FILE,
+        "embedding": GENE_EMBEDDING_DESCRIPTION,
+        "shape": list(x.shape),
+        "dtype": "float32",
+    }
 
 
 def _write_files(
@@ -108,11 +137,14 @@ def _write_files(
     labels: Sequence[str] | None,
     gene_panel: Sequence[str] | None,
     variants: Sequence[Variant],
+    gene_embeddings: np.ndarray | None,
 ) -> None:
     """The bundle's files in a hidden folder beside `out`, put in place when complete (an old
     bundle at `out` is swapped out in one step, then deleted with the folder)."""
     with atomic_dir(out) as tmp, output_errors(out):
         _save_strings(tmp / VOCAB_FILE, vocab, labels, gene_panel)
+        if gene_embeddings is not None:
+            save_file({GENE_EMBEDDINGS: gene_embeddings}, tmp / GENES_FILE)
         moved: dict[Path, Path] = {}
         for v in variants:
             if moved.setdefault(tmp / graph_file(v.kind, v.precision), v.path) != v.path:

@@ -19,12 +19,15 @@ from click.testing import CliRunner
 
 from scgpt_export import TOLERANCE, ToleranceError, export_run
 from scgpt_export.cli import cli
+from scgpt_runtime import Model
 from scgpt_runtime.bundle import load_bundle
 from scgpt_runtime.genes import match_genes
 from scgpt_runtime.io import open_counts
 from scgpt_runtime.tokens import TokenConfig, tokenize
+from scgpt_runtime.vocab import SPECIALS
 from scgpt_train.checkpoint import RunInfo, load_run, save_run
 from scgpt_train.data import build_vocab
+from scgpt_train.gene_embeddings import encoder_embeddings
 from scgpt_train.model import ModelConfig, ScGPT
 
 KANG = "labelled/kang2018_pbmc_counts.h5ad"
@@ -190,6 +193,23 @@ def test_cls_only_cell_and_batch_sizes(bundle):
             assert_close_cosine(alone[0], together[0][:1], 0.999)
         else:
             np.testing.assert_allclose(alone[0], together[0][:1], rtol=0, atol=1e-5)
+
+
+def test_gene_embeddings_are_the_models(bundle, small_run):
+    """Every vocabulary row as the gene encoder gives it, float32 stored as it is, served
+    torch-free by name."""
+    out, summary = bundle
+    model, info = load_run(small_run)
+    expected = encoder_embeddings(model, np.arange(len(info.vocab)))
+    assert summary["gene_embeddings"] == [len(info.vocab), 64]
+    with Model.load(out, device="cpu") as served:
+        names, x = served.gene_embeddings()
+        assert names == [n for n in info.vocab.names if n not in SPECIALS]
+        assert np.array_equal(x, expected[[info.vocab[n] for n in names]])
+        names, x = served.gene_embeddings(["LYZ", "CD3E"])
+    assert names == ["LYZ", "CD3E"]
+    assert np.array_equal(x, expected[[info.vocab["LYZ"], info.vocab["CD3E"]]])
+    assert np.array_equal(x[1], encoder_embeddings(model, [info.vocab["CD3E"]])[0])
 
 
 def test_graph_interface_and_attention_fusion(bundle, tmp_path):
