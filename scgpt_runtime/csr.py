@@ -44,6 +44,28 @@ class CsrBlock:
         out[self.row_ids, self.indices] = self.data
         return out
 
+    def take(self, rows: np.ndarray) -> CsrBlock:
+        """Block-local rows `rows` (ascending) as a block; its start is the first row's (rows need
+        not be contiguous: do not bin a taken block with a seeded mode)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        lengths = np.diff(self.indptr)[rows]
+        indptr = np.zeros(len(rows) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=indptr[1:])
+        # positions of the kept values: each row's start, plus 0 .. length-1 within it
+        at = np.repeat(self.indptr[rows] - indptr[:-1], lengths) + np.arange(indptr[-1])
+        start = self.start + int(rows[0]) if len(rows) else self.start
+        return CsrBlock(self.data[at], self.indices[at], indptr, self.n_cols, start)
+
+    def dense_columns(self, columns: np.ndarray) -> np.ndarray:
+        """(n_rows, len(columns)) float32 of the given columns, without a full dense copy."""
+        lookup = np.full(self.n_cols, -1, dtype=np.int64)
+        lookup[columns] = np.arange(len(columns))
+        position = lookup[self.indices]
+        keep = position >= 0
+        out = np.zeros((self.n_rows, len(columns)), dtype=np.float32)
+        out[self.row_ids[keep], position[keep]] = self.data[keep]
+        return out
+
     def with_data(self, data: np.ndarray) -> CsrBlock:
         """The same sparsity pattern with new values."""
         return CsrBlock(data, self.indices, self.indptr, self.n_cols, self.start)

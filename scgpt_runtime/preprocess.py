@@ -35,7 +35,9 @@ def log1p(block: CsrBlock) -> CsrBlock:
     return block.with_data(np.log1p(np.asarray(block.data, dtype=np.float32)))
 
 
-def highly_variable_genes(blocks: Iterable[CsrBlock], n_top: int, n_genes: int) -> np.ndarray:
+def highly_variable_genes(
+    blocks: Iterable[CsrBlock], n_top: int, n_genes: int, among: np.ndarray | None = None
+) -> np.ndarray:
     """Column indices (ascending) of the `n_top` most variable genes, in one pass over `blocks`.
 
     Follows scanpy's `highly_variable_genes(flavor="seurat")` on log1p(normalize_total(x, 1e4)):
@@ -49,6 +51,8 @@ def highly_variable_genes(blocks: Iterable[CsrBlock], n_top: int, n_genes: int) 
         blocks: row blocks of one cells x genes matrix of raw counts.
         n_top: number of genes to return; all genes where n_top >= n_genes.
         n_genes: number of columns of the matrix.
+        among: the columns that may be chosen (None: all); every column still shapes the
+            mean bins, as when scanpy ranks the genes of a whole file.
     """
     if n_top < 1:
         raise ValueError(f"n_top must be >= 1, not {n_top}")
@@ -64,12 +68,13 @@ def highly_variable_genes(blocks: Iterable[CsrBlock], n_top: int, n_genes: int) 
         n_cells += block.n_rows
     if n_cells < 2:
         raise ValueError(f"highly variable genes need at least 2 cells, got {n_cells}")
-    if n_top >= n_genes:
-        return np.arange(n_genes, dtype=np.int64)
-    z = normalized_dispersion(total / n_cells, total_sq / n_cells, n_cells)
+    candidates = np.arange(n_genes) if among is None else np.unique(np.asarray(among, np.int64))
+    if n_top >= len(candidates):
+        return candidates.astype(np.int64)
+    z = normalized_dispersion(total / n_cells, total_sq / n_cells, n_cells)[candidates]
     # Rank by z descending, NaN last, ties to the lower column: a stable sort of -z.
     ranking = np.argsort(np.where(np.isnan(z), np.inf, -z), kind="stable")
-    return np.sort(ranking[:n_top]).astype(np.int64)
+    return np.sort(candidates[ranking[:n_top]]).astype(np.int64)
 
 
 def normalized_dispersion(mean: np.ndarray, mean_sq: np.ndarray, n_cells: int) -> np.ndarray:

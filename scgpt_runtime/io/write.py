@@ -10,8 +10,9 @@ files get `categorical` groups; the older dataframe 0.1.0 files (anndata 0.7) ge
 from __future__ import annotations
 
 import contextlib
+import csv
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 import h5py
@@ -21,7 +22,7 @@ from ..errors import InputError, OutputError
 from .atomic import atomic_path
 from .base import HDF5_ERRORS, CountMatrix
 
-__all__ = ["add_to_h5ad", "write_dense_h5ad", "write_new_h5ad"]
+__all__ = ["add_to_h5ad", "write_dense_h5ad", "write_new_h5ad", "write_tsv"]
 
 _STR = h5py.string_dtype()  # variable-length UTF-8, what anndata writes for strings
 
@@ -137,6 +138,19 @@ def write_dense_h5ad(
         _write_entries(h5["obsm"], obsm)
         _write_entries(h5["uns"], dict(uns or {}))
     return dst
+
+
+def write_tsv(
+    dst: Path, header: list[str], rows: Iterable[Iterable[object]], digits: int = 6
+) -> Path:
+    """A tab-separated table with a header line; floats to `digits` significant digits (9:
+    float32 exactly); fields holding a tab, a newline or a quote are quoted as csv does."""
+    with atomic_path(Path(dst)) as tmp, tmp.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f, delimiter="\t", lineterminator="\n")
+        writer.writerow(header)
+        for row in rows:
+            writer.writerow(f"{v:.{digits}g}" if isinstance(v, float) else v for v in row)
+    return Path(dst)
 
 
 def _var_columns(counts: CountMatrix) -> tuple[str, dict[str, np.ndarray]]:
