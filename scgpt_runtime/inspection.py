@@ -86,6 +86,7 @@ def bundle_info(path: str | Path, *, verify: bool = True) -> dict:
         "megabytes": round(sum(f["bytes"] for f in b.config["files"].values()) / 1e6, 1),
         "vocab_size": len(b.vocab),
         "gene_panel": None if b.gene_panel is None else len(b.gene_panel),
+        "gene_embeddings": b.gene_embeddings_file is not None,  # served by scgpt-run genes
         "labels": b.labels or [],
         "tokens": b.tokens.to_dict(),
         "variants": [

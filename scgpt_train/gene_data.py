@@ -3,8 +3,9 @@
 The genes are those of the file that are in the run's vocabulary: its `n_top` most highly
 variable (Seurat flavour over the cells that pass --where, every gene of the file shaping the
 mean bins, as scanpy ranks a whole file), or a given list. Each cell is kept as its log1p(CP10k)
-values (CP10k over every gene of the file) and its bins with zeros included (bin 0), the model
-input of a fixed gene set (runtime `bin_dense`). numpy and the runtime only (no torch).
+values (CP10k over every gene of the file) and its bins with zeros included (bin 0), binned
+as the tokenizer bins (over every gene of the cell in the vocabulary; runtime `bin_dense`).
+numpy and the runtime only (no torch).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 
 N_HVG = 1200  # genes of the official gene-network tutorial
 CP10K = 1e4
+BLOCK = 512  # rows binned at a time over every matched gene: 512 x genes float32
 
 
 @dataclass
@@ -75,11 +77,15 @@ def load_gene_cells(
         else:
             columns = _given_columns(path, match.column_ids, vocab, genes)
         gene_ids = match.column_ids[columns]
+        matched = np.flatnonzero(match.column_ids >= 0)
+        chosen = np.searchsorted(matched, columns)  # each chosen column among the matched
         bins, expression = [], []
-        for block in counts.iter_blocks():
+        for block in counts.iter_blocks(BLOCK):
             local = rows[(rows >= block.start) & (rows < block.start + block.n_rows)] - block.start
-            # bins of the whole block, then its rows: seeded binning depends on a cell's row
-            bins.append(bin_dense(block, columns, gene_ids, tokens)[local])
+            # as the tokenizer bins: over every matched gene of the cell, on the whole block
+            # (seeded binning depends on a cell's row), then the chosen genes of its rows
+            every = bin_dense(block, matched, match.column_ids[matched], tokens)
+            bins.append(every[np.ix_(local, chosen)])
             normed = log1p(normalize_total(block.take(local), CP10K))
             expression.append(normed.dense_columns(columns))
         n_file_cells = counts.n_cells

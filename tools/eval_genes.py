@@ -72,7 +72,7 @@ PRETRAIN_FILES = (
     "unlabelled/scvi_pbmc_5k_protein_v3_200.h5ad",
 )
 MIN_CELLS, N_ATTENTION, ATTENTION_CELLS, N_PROGRAM_GENES = 10, 1000, 300, 1200
-RESOLUTIONS = (2.0, 5.0, 10.0, 20.0)
+RESOLUTIONS = (0.5, 1.0, 2.0, 5.0, 10.0)
 PAIR_METHODS = (
     "encoder",
     "contextual",
@@ -291,6 +291,17 @@ def _kang_genes(vocab) -> list[str]:
     return [g for g in vocab.names if g not in SPECIALS]
 
 
+def descriptions() -> dict[str, str]:
+    """Gene-set name -> its GMT description, where that is a title (GO ids have one)."""
+    out = {}
+    for path in GMT.values():
+        for line in path.read_text().splitlines():
+            name, description = line.split("\t")[:2]
+            if not description.startswith("http"):
+                out[name] = f"{name} {description}"
+    return out
+
+
 def mean_sd(values: list[float]) -> str:
     v = np.array([x for x in values if x is not None and not np.isnan(x)])
     return "n/a" if not len(v) else f"{v.mean():.3f} ± {v.std():.3f}"
@@ -340,8 +351,9 @@ def markdown(results: list[dict]) -> str:
         n = mean_sd([len(x["sizes"]) for x in p])
         shares = [mean_sd([x[k] for x in p]) for k in ("go_bp", "hallmark", "reactome")]
         lines.append(f"| {name} | {res} | {n} | " + " | ".join(shares) + " |")
+    titles = descriptions()
     for ex in r0["programs"]["pretrained"]["examples"]:
-        terms = "; ".join(f"{t} (q {q:.2g})" for t, q in ex["terms"])
+        terms = "; ".join(f"{titles.get(t, t)} (q {q:.2g})" for t, q in ex["terms"])
         lines.append(
             f"\n- {ex['program']} ({len(ex['genes'])} genes: "
             f"{', '.join(ex['genes'][:10])}): {terms}"

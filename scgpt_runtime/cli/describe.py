@@ -38,7 +38,10 @@ def info(bundle: str | None, as_json: bool) -> None:
         f"{m['n_layer']} layers, {m['n_head']} heads"
     )
     panel = f", gene panel of {report['gene_panel']}" if report["gene_panel"] else ""
-    click.echo(f"vocabulary:     {report['vocab_size']} tokens{panel}")
+    genes = (
+        "gene embeddings (scgpt-run genes)" if report["gene_embeddings"] else "no gene embeddings"
+    )
+    click.echo(f"vocabulary:     {report['vocab_size']} tokens{panel}; {genes}")
     labels = report["labels"]
     click.echo(
         f"labels:         {len(labels)}: {', '.join(labels)}" if labels else "labels:         none"
