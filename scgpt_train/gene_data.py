@@ -52,7 +52,7 @@ def load_gene_cells(
     tokens: TokenConfig,
     *,
     genes: list[str] | None = None,
-    n_top: int = N_HVG,
+    n_top: int | None = N_HVG,
     where: tuple[str, ...] = (),
     gene_column: str | None = None,
     label_key: str | None = None,
@@ -61,7 +61,8 @@ def load_gene_cells(
 ) -> GeneCells:
     """The cells of `path` passing `where` (a seeded sample of `max_cells` of them, if more)
     over `genes` (each of the file and the vocabulary; the others are skipped with a warning)
-    or the `n_top` most variable genes of the file in the vocabulary. InputError (one line)
+    or the `n_top` most variable genes of the file in the vocabulary (None: all of them, in file
+    order). InputError (one line)
     where no gene or no cell is left."""
     with open_counts(path) as counts:
         match = match_genes(counts.var, vocab, gene_column=gene_column, source=str(path))
@@ -72,7 +73,9 @@ def load_gene_cells(
         if max_cells is not None and len(rows) > max_cells:
             rows = np.sort(np.random.default_rng(seed).choice(rows, max_cells, replace=False))
         labels = obs_strings(counts.read_obs(label_key))[rows] if label_key else None
-        if genes is None:
+        if genes is None and n_top is None:
+            columns = np.flatnonzero(match.column_ids >= 0)
+        elif genes is None:
             columns = _variable_columns(counts, rows, match.column_ids, n_top)
         else:
             columns = _given_columns(path, match.column_ids, vocab, genes)

@@ -115,10 +115,12 @@ def write_dense_h5ad(
     obs: Mapping[str, np.ndarray] | None = None,
     obsm: Mapping[str, np.ndarray] | None = None,
     uns: Mapping[str, object] | None = None,
+    var: Mapping[str, np.ndarray] | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """A new .h5ad of a dense float matrix `x` (rows `obs_names`, columns `var_names`): for
-    values that are not counts, such as gene embeddings (X as anndata's dense array 0.2.0)."""
+    """A new .h5ad of a dense float matrix `x` (rows `obs_names`, columns `var_names`, var
+    columns `var`): for values that are not counts, such as gene embeddings or generated
+    cells (X as anndata's dense array 0.2.0)."""
     dst, obs, obsm = Path(dst), dict(obs or {}), dict(obsm or {})
     if x.shape != (len(obs_names), len(var_names)):
         raise ValueError(f"x has shape {x.shape} for {len(obs_names)} x {len(var_names)} names")
@@ -133,6 +135,8 @@ def write_dense_h5ad(
         for name, values in obs.items():
             _set_obs_column(h5["obs"], name, values, "0.2.0")
         _write_dataframe(h5, "var", np.asarray(var_names).astype(str))
+        for name, values in (var or {}).items():
+            _set_obs_column(h5["var"], name, values, "0.2.0")
         for key in ("obsm", "uns", "layers", "obsp", "varm", "varp"):
             _write_dict(h5, key, {})
         _write_entries(h5["obsm"], obsm)

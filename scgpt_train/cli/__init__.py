@@ -6,6 +6,7 @@ from scgpt_runtime.cli.common import command_group
 
 from .evaluate import evaluate
 from .finetune import finetune
+from .generate import generate
 from .genes import genes
 from .perturb import finetune_perturb_command, perturb
 from .pretrain import import_scgpt, pretrain
@@ -13,10 +14,10 @@ from .report import report
 
 cli = command_group(
     "Train scGPT models with PyTorch: pretrain, fine-tune, predict perturbations, evaluate, "
-    "report, import official checkpoints."
+    "generate cells, report, import official checkpoints."
 )
 finetune.add_command(finetune_perturb_command)
-for command in (pretrain, import_scgpt, finetune, perturb, genes, evaluate, report):
+for command in (pretrain, import_scgpt, finetune, perturb, genes, generate, evaluate, report):
     cli.add_command(command)
 
 
