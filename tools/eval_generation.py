@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -51,14 +50,11 @@ from scgpt_train.gene_data import load_gene_cells
 from scgpt_train.generate import Reference, complete, generate, token_expression
 from scgpt_train.inference import embed
 
+sys.path.insert(0, str(Path(__file__).parent))
+from recipe import KANG_UNLABELLED, PRETRAIN_FILES, pretrain
+
 DATA = Path(os.environ.get("SCGPT_DATA", "../shared/data"))
 KANG = DATA / "labelled/kang2018_pbmc_counts.h5ad"
-EXTERNAL = (
-    "unlabelled/liao2020_balf_GSM4339772_C144_filtered_feature_bc_matrix.h5",
-    "unlabelled/liao2020_balf_GSM4339774_C146_filtered_feature_bc_matrix.h5",
-    "unlabelled/liao2020_balf_GSM4475052_C149_filtered_feature_bc_matrix.h5",
-    "unlabelled/scvi_pbmc_5k_protein_v3_200.h5ad",
-)
 N_HVG, N_PCS, N_MARKERS, HIDE = 1000, 50, 20, 0.3
 METHODS = (
     "pretrained gen",
@@ -93,49 +89,6 @@ def split(work: Path) -> tuple[Path, Path]:
         a[~is_test].copy().write_h5ad(train)
         a[is_test].copy().write_h5ad(test)
     return train, test
-
-
-def pretrain(work: Path, name: str, files: list[Path]) -> Path:
-    out = work / name
-    if (out / "model.safetensors").exists():
-        return out
-    (work / "pretrain.config.json").write_text(
-        json.dumps({"model": {"max_seq_len": 128}, "tokens": {"selection": "top"}})
-    )
-    cmd = ["scgpt-train", "pretrain"] + [a for f in files for a in ("--data", str(f))]
-    cmd += [
-        "--vocab",
-        str(KANG),
-        "--config",
-        str(work / "pretrain.config.json"),
-        "--out",
-        str(out),
-        "--preset",
-        "small",
-        "--max-steps",
-        "2000",
-        "--batch-size",
-        "32",
-        "--lr",
-        "1e-3",
-        "--warmup-steps",
-        "100",
-        "--mlm-weight",
-        "0.5",
-        "--val-fraction",
-        "0.02",
-        "--eval-every",
-        "2000",
-        "--seed",
-        "0",
-        "--overwrite",
-        "--json",
-    ]
-    print("+ " + " ".join(cmd), file=sys.stderr, flush=True)
-    (work / f"{name}.json").write_text(
-        subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    )
-    return out
 
 
 def log_cp10k(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
@@ -252,8 +205,12 @@ def completion(run: Path, test_counts, test_log, genes, train_log, seed: int) ->
 def evaluate(work: Path, seeds: list[int]) -> dict:
     train_path, test_path = split(work)
     runs = {
-        "pretrained": pretrain(work, "pretrained", [*(DATA / f for f in EXTERNAL), train_path]),
-        "scratch": pretrain(work, "scratch", [train_path]),
+        "pretrained": pretrain(
+            work / "pretrained",
+            [*(DATA / f for f in PRETRAIN_FILES if f != KANG_UNLABELLED), train_path],
+            KANG,
+        ),
+        "scratch": pretrain(work / "scratch", [train_path], KANG),
     }
     counts, train_all, train_y, names = log_cp10k(train_path)
     test_counts, test_all, test_y, _ = log_cp10k(test_path)

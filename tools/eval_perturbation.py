@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -26,29 +25,18 @@ from scgpt_runtime.obs import obs_strings
 from scgpt_runtime.vocab import Vocab
 from scgpt_train.perturb_data import condition_targets
 
+sys.path.insert(0, str(Path(__file__).parent))
+from recipe import PRETRAIN_FILES, run
+from recipe import pretrain as recipe
+
 DATA = Path(os.environ.get("SCGPT_DATA", "../shared/data"))
 SCREEN = DATA / "wave2/perturbation/papalexi2021_thp1_eccite_sceptre_299genes.h5ad"
 # About a quarter of the 25 targets, fixed before any result: the interferon-gamma axis
 # knock-outs with the clearest published effect, and three others (in and out of the panel).
 HELD_OUT = ("STAT1", "JAK2", "IFNGR1", "IRF1", "CMTM6", "NFKBIA", "ATF2")
-PRETRAIN_FILES = (
-    "unlabelled/liao2020_balf_GSM4339772_C144_filtered_feature_bc_matrix.h5",
-    "unlabelled/liao2020_balf_GSM4339774_C146_filtered_feature_bc_matrix.h5",
-    "unlabelled/liao2020_balf_GSM4475052_C149_filtered_feature_bc_matrix.h5",
-    "unlabelled/harmony_kang2018_ctrl_stim_2000.h5ad",
-    "unlabelled/scvi_pbmc_5k_protein_v3_200.h5ad",
-)
 COMMON = ["--data", str(SCREEN), "--perturbation-key", "condition", "--control", "ctrl"]
 METHODS = ("scgpt", "train_mean", "linear", "embedding_ridge", "control_mean", "noise_ceiling")
 METRICS = ("pearson_delta", "pearson_de_delta", "systema_delta", "centroid_accuracy", "l2")
-
-
-def run(cmd: list[str], out: Path | None = None) -> str:
-    print("+ " + " ".join(cmd), file=sys.stderr, flush=True)
-    res = subprocess.run(cmd, check=True, capture_output=True, text=True)
-    if out is not None:
-        out.write_text(res.stdout)
-    return res.stdout
 
 
 def pretrain(work: Path, steps: int) -> Path:
@@ -63,21 +51,8 @@ def pretrain(work: Path, steps: int) -> Path:
         labels = set(obs_strings(counts.read_obs("condition")).tolist()) - {"unassigned"}
     names += sorted({g for c in labels for g in condition_targets(c, "ctrl")})
     Vocab.from_genes(names).to_json(work / "vocab.json")
-    (work / "pretrain.config.json").write_text(
-        json.dumps({"model": {"max_seq_len": 128}, "tokens": {"selection": "top"}})
-    )
-    cmd = ["scgpt-train", "pretrain"]
-    for f in PRETRAIN_FILES:
-        cmd += ["--data", str(DATA / f)]
-    cmd += [
-        "--vocab", str(work / "vocab.json"), "--config", str(work / "pretrain.config.json"),
-        "--out", str(work / "pretrained"), "--preset", "small", "--max-steps", str(steps),
-        "--batch-size", "32", "--lr", "1e-3", "--warmup-steps", "100", "--mlm-weight", "0.5",
-        "--val-fraction", "0.02", "--eval-every", str(steps), "--seed", "0", "--overwrite",
-        "--json",
-    ]  # fmt: skip
-    run(cmd, work / "pretrain.json")
-    return work / "pretrained"
+    files = [DATA / f for f in PRETRAIN_FILES]
+    return recipe(work / "pretrained", files, work / "vocab.json", steps=steps)
 
 
 def one_run(work: Path, start: list[str], name: str, seed: int, epochs: int | None) -> dict:

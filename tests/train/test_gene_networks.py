@@ -15,8 +15,6 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 from scgpt_runtime.csr import CsrBlock
 from scgpt_runtime.preprocess import highly_variable_genes
 from scgpt_runtime.tokens import TokenConfig
-from scgpt_runtime.vocab import Vocab
-from scgpt_train.checkpoint import RunInfo, save_run
 from scgpt_train.cli import cli
 from scgpt_train.gene_attention import last_layer_scores, rank_normalize
 from scgpt_train.gene_evaluation import (
@@ -27,21 +25,17 @@ from scgpt_train.gene_evaluation import (
     tf_task,
 )
 from scgpt_train.gene_programs import Programs, enrichment, find_programs
-from scgpt_train.model import ModelConfig, ScGPT, attn_bias, padding_attn_mask
+from scgpt_train.model import attn_bias, padding_attn_mask
 
 TOKENS = TokenConfig(max_seq_len=32)
 GENES = [f"G{i}" for i in range(40)]
 
 
 @pytest.fixture(scope="module")
-def toy(tmp_path_factory):
+def toy(tmp_path_factory, random_run):
     """A random small model over 40 genes; 60 cells of 30 of them (two co-expressed modules)."""
     tmp = tmp_path_factory.mktemp("networks")
-    vocab = Vocab.from_genes(GENES)
-    torch.manual_seed(0)
-    cfg = ModelConfig.from_name("small", vocab_size=len(vocab), pad_id=vocab.pad_id, dropout=0.0)
-    model = ScGPT(cfg)
-    save_run(tmp / "run", model, RunInfo(cfg, TOKENS, vocab))
+    model, vocab = random_run(tmp / "run", GENES, TOKENS)
     rng = np.random.default_rng(0)
     state = rng.integers(0, 2, 60)
     rates = np.full((60, 30), 1.0)
@@ -50,7 +44,7 @@ def toy(tmp_path_factory):
     x = rng.poisson(rates).astype(np.float32)
     obs = pd.DataFrame({"state": np.where(state, "on", "off")}, index=[f"c{i}" for i in range(60)])
     ad.AnnData(x, obs=obs, var=pd.DataFrame(index=GENES[:30])).write_h5ad(tmp / "cells.h5ad")
-    return tmp, model.eval(), vocab
+    return tmp, model, vocab
 
 
 def run_cli(*args):

@@ -7,29 +7,21 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from click.testing import CliRunner
 
 from scgpt_runtime.tokens import TokenConfig
-from scgpt_runtime.vocab import Vocab
-from scgpt_train.checkpoint import RunInfo, save_run
 from scgpt_train.cli import cli
 from scgpt_train.generate import bin_values, decode
-from scgpt_train.model import ModelConfig, ScGPT
 
 TOKENS = TokenConfig(max_seq_len=24)
 GENES = [f"G{i}" for i in range(40)]
 
 
 @pytest.fixture(scope="module")
-def toy(tmp_path_factory):
+def toy(tmp_path_factory, random_run):
     """A random small model over 40 genes; 60 cells of 30 of them, two types."""
     tmp = tmp_path_factory.mktemp("generate")
-    vocab = Vocab.from_genes(GENES)
-    torch.manual_seed(0)
-    cfg = ModelConfig.from_name("small", vocab_size=len(vocab), pad_id=vocab.pad_id, dropout=0.0)
-    model = ScGPT(cfg)
-    save_run(tmp / "run", model, RunInfo(cfg, TOKENS, vocab))
+    model, vocab = random_run(tmp / "run", GENES, TOKENS)
     rng = np.random.default_rng(0)
     kind = np.repeat([0, 1], 30)
     rates = np.full((60, 30), 1.0)
@@ -38,7 +30,7 @@ def toy(tmp_path_factory):
     x = rng.poisson(rates).astype(np.float32)
     obs = pd.DataFrame({"cell_type": np.where(kind, "B", "T")}, index=[f"c{i}" for i in range(60)])
     ad.AnnData(x, obs=obs, var=pd.DataFrame(index=GENES[:30])).write_h5ad(tmp / "ref.h5ad")
-    return tmp, model.eval(), vocab, x
+    return tmp, model, vocab, x
 
 
 def run_cli(*args):

@@ -12,30 +12,23 @@ from click.testing import CliRunner
 
 from scgpt_runtime.csr import CsrBlock
 from scgpt_runtime.tokens import TokenConfig, tokenize
-from scgpt_runtime.vocab import Vocab
-from scgpt_train.checkpoint import RunInfo, save_run
 from scgpt_train.cli import cli
-from scgpt_train.model import ModelConfig, ScGPT
 
 TOKENS = TokenConfig(max_seq_len=32)
 
 
 @pytest.fixture(scope="module")
-def toy(tmp_path_factory):
+def toy(tmp_path_factory, random_run):
     """A random small model over 15 genes, and 30 cells of the first 10 (G9 never expressed)."""
     tmp = tmp_path_factory.mktemp("genes")
-    vocab = Vocab.from_genes([f"G{i}" for i in range(15)])
-    torch.manual_seed(0)
-    cfg = ModelConfig.from_name("small", vocab_size=len(vocab), pad_id=vocab.pad_id, dropout=0.0)
-    model = ScGPT(cfg)
-    save_run(tmp / "run", model, RunInfo(cfg, TOKENS, vocab))
+    model, vocab = random_run(tmp / "run", [f"G{i}" for i in range(15)], TOKENS)
     x = np.random.default_rng(0).poisson(2.0, size=(30, 10)).astype(np.float32)
     x[:, 9] = 0
     obs = pd.DataFrame({"group": ["a", "b"] * 15}, index=[f"c{i}" for i in range(30)])
     ad.AnnData(x, obs=obs, var=pd.DataFrame(index=[f"G{i}" for i in range(10)])).write_h5ad(
         tmp / "cells.h5ad"
     )
-    return tmp, model.eval(), vocab, x
+    return tmp, model, vocab, x
 
 
 def run_cli(*args):
