@@ -20,8 +20,8 @@ trained. Every score is computed in one run on the same cells (all Kang cells, l
             embeddings, the same pipeline on co-expression (gene vectors = z-scored values:
             cosine = Pearson), random programs of the same sizes; Leiden resolution chosen per
             method on Reactome (validation gene sets) among RESOLUTIONS: the one with the most
-            programs at a BH q < 0.05; then the share and number of programs with a BH q < 0.05
-            set in GO BP and Hallmark reported.
+            programs at a BH q < 0.05, ties to the higher; then the share and number of
+            programs with a BH q < 0.05 set in GO BP and Hallmark reported.
 Results: OUT/results.json and OUT/genes.md (--programs redoes the programs part only).
 """
 
@@ -151,8 +151,8 @@ def score_universe(sims: dict, genes: list[str], seed: int) -> dict:
 
 def programs_share(genes, vectors, rng_seed, sizes=None) -> dict:
     """Share and number of programs enriched (BH q < 0.05) per gene-set file; the resolution
-    is the one with the most Reactome-enriched programs (the share alone favours a few huge
-    programs)."""
+    is the one with the most Reactome-enriched programs, ties to the higher (the share alone
+    favours a few huge programs)."""
     sets = {k: read_gmt(GMT[k]) for k in ("reactome", "go_bp", "hallmark")}
     if sizes is not None:  # random programs of the given sizes
         order = np.random.default_rng(rng_seed).permutation(len(genes))
@@ -163,7 +163,7 @@ def programs_share(genes, vectors, rng_seed, sizes=None) -> dict:
     for r in RESOLUTIONS:
         progs = find_programs(genes, vectors, resolution=r, seed=rng_seed)
         hits = _shares(progs, {"reactome": sets["reactome"]})["reactome_programs"]
-        if best is None or hits > best[0]:
+        if best is None or hits >= best[0]:  # ties: the finer programs
             best = (hits, r, progs)
     _, r, progs = best
     return {
@@ -314,7 +314,7 @@ def markdown(results: list[dict]) -> str:
     lines += [
         "\nGene programs (share and number with a BH q < 0.05 set; resolution: the most "
         "Reactome-enriched programs):\n",
-        "| programs | resolution | programs | share GO BP | share Hallmark | share Reactome "
+        "| method | resolution | programs | share GO BP | share Hallmark | share Reactome "
         "(chosen on) | GO BP-enriched | Hallmark-enriched |",
         "|---|---|---|---|---|---|---|---|",
     ]
