@@ -13,6 +13,7 @@ column, so the edge TF -> target scores A[target, TF].
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -66,9 +67,15 @@ def last_layer_scores(model: ScGPT, gene_ids: torch.Tensor, values: torch.Tensor
 
 
 def attention_network(
-    model: ScGPT, cells: GeneCells, rows: np.ndarray, cls_id: int, cls_value: float
+    model: ScGPT,
+    cells: GeneCells,
+    rows: np.ndarray,
+    cls_id: int,
+    cls_value: float,
+    tick: Callable[[int], None] | None = None,
 ) -> np.ndarray:
-    """(G, G) float64 A over the cells `rows` (see the module docstring)."""
+    """(G, G) float64 A over the cells `rows` (see the module docstring); `tick(n)` after
+    every n cells."""
     model.eval()
     device = next(model.parameters()).device
     G = len(cells.genes)
@@ -83,6 +90,8 @@ def attention_network(
         scores = last_layer_scores(model, gene_ids, torch.from_numpy(values).to(device))
         ranked = rank_normalize(scores[:, :, 1:, 1:]).mean(dim=1).sum(dim=0)
         total += ranked.double().cpu().numpy()
+        if tick is not None:
+            tick(len(batch))
     return total / len(rows)
 
 
@@ -111,9 +120,11 @@ def write_attention(
     gene_column: str | None = None,
     device: str = "auto",
     overwrite: bool = False,
+    progress: Callable[..., None] | None = None,
 ) -> dict[str, Any]:
     """EDGES.tsv (source, target, score): the targets of each TF of `tfs` (all genes, best
-    first), or the `top` edges overall (self-edges left out). Returns a summary."""
+    first), or the `top` edges overall (self-edges left out); `progress(n, total)` as cells
+    are done. Returns a summary."""
     check_output(out, overwrite=overwrite, source=Path(data))
     model, info = load_run(run)
     if info.model.n_dsbn:
@@ -133,9 +144,8 @@ def write_attention(
     )
     cells = _with_tfs(cells, tfs, data, info, where, gene_column, column)
     rng = np.random.default_rng(seed)
-    groups = [first, second] if column else [None]
-    networks, n_cells = [], {}
-    for group in groups:
+    groups = {}
+    for group in [first, second] if column else [None]:
         rows = (
             np.arange(len(cells.rows)) if group is None else np.flatnonzero(cells.labels == group)
         )
@@ -143,10 +153,14 @@ def write_attention(
             raise InputError(f"{data}: no cell has {column} == {group!r}")
         if len(rows) > max_cells:
             rows = np.sort(rng.choice(rows, max_cells, replace=False))
-        n_cells[str(group or "all")] = len(rows)
-        networks.append(
-            attention_network(model, cells, rows, info.vocab.cls_id, info.tokens.cls_value)
-        )
+        groups[str(group or "all")] = rows
+    total = sum(len(r) for r in groups.values())
+    tick = None if progress is None else (lambda n: progress(n, total))
+    networks = [
+        attention_network(model, cells, rows, info.vocab.cls_id, info.tokens.cls_value, tick)
+        for rows in groups.values()
+    ]
+    n_cells = {g: len(r) for g, r in groups.items()}
     a = networks[0] - networks[1] if column else networks[0]
     edges = _edges(a, cells.genes, tfs, top)
     write_tsv(out, ["source", "target", "score"], edges)

@@ -18,6 +18,7 @@ Units: a bin b > 0 becomes the mean log1p(CP10k) of the type's reference values 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -103,9 +104,10 @@ def generate(
     cls: tuple,
     n_bins: int,
     seed: int,
+    progress: Callable[..., None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(cells, genes) float32 log1p(CP10k) of generated cells and (cells,) their labels, in the
-    order of `counts_per_label`."""
+    order of `counts_per_label`; `progress(n, total)` after each type."""
     if decoder not in DECODERS or prompt not in PROMPTS:
         raise ValueError(f"decoder must be one of {DECODERS} and prompt one of {PROMPTS}")
     cells, ids = ref.cells, ref.cells.gene_ids
@@ -131,16 +133,24 @@ def generate(
         table = bin_values(cells.bins[rows], cells.expression[rows], n_bins)
         out.append(table[bins.astype(np.int64)].astype(np.float32))
         labels += [label] * n
+        if progress is not None:
+            progress(n, sum(counts_per_label.values()))
     return np.concatenate(out), np.array(labels, dtype=object)
 
 
 @torch.no_grad()
 def complete(
-    model: ScGPT, tokens: TokenBlock, token_values: np.ndarray, target_ids: np.ndarray, n_bins: int
+    model: ScGPT,
+    tokens: TokenBlock,
+    token_values: np.ndarray,
+    target_ids: np.ndarray,
+    n_bins: int,
+    progress: Callable[..., None] | None = None,
 ) -> np.ndarray:
     """(cells, targets) float32 log1p(CP10k) predicted for genes `target_ids` of each cell
     from its tokens (the generative path, the cell's own <cls>); `token_values` (cells, L), the
-    log1p(CP10k) of each token's gene, maps the cell's bins to values."""
+    log1p(CP10k) of each token's gene, maps the cell's bins to values. `progress(n, total)`
+    after each batch of cells."""
     model.eval()
     device = next(model.parameters()).device
     bins = np.empty((tokens.n_cells, len(target_ids)), dtype=np.int64)
@@ -153,6 +163,8 @@ def complete(
             res = model.forward_generative(genes, values, pad, gen, torch.zeros_like(gen).bool())
             pred = np.rint(res["gen_pred"].float().cpu().numpy())
             bins[rows, g0 : g0 + len(ids)] = np.clip(pred, 0, n_bins - 1)
+        if progress is not None:
+            progress(len(rows), tokens.n_cells)
     out = np.empty(bins.shape, dtype=np.float32)
     for i in range(tokens.n_cells):
         n = int(tokens.n_genes[i])

@@ -5,6 +5,7 @@ method)."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,7 @@ def write_generated(
     gene_column: str | None = None,
     device: str = "auto",
     overwrite: bool = False,
+    progress: Callable[..., None] | None = None,
 ) -> dict[str, Any]:
     """GEN.h5ad: `n_cells` generated cells per label of the reference `data`. Returns a
     summary."""
@@ -79,6 +81,7 @@ def write_generated(
         cls=cls,
         n_bins=info.tokens.n_bins,
         seed=seed,
+        progress=progress,
     )
     names = np.array([f"generated-{i}" for i in range(len(made))])
     obs = {label_key: made, "source": np.full(len(made), "generated", dtype=object)}
@@ -115,6 +118,7 @@ def write_completed(
     gene_column: str | None = None,
     device: str = "auto",
     overwrite: bool = False,
+    progress: Callable[..., None] | None = None,
 ) -> dict[str, Any]:
     """DONE.h5ad: every cell over its measured genes in the vocabulary (log1p(CP10k), as
     measured) and the genes of `genes_file` it lacks (predicted; var `completed`)."""
@@ -138,7 +142,9 @@ def write_completed(
         )
     tokens = load_cells([data], info.vocab, info.tokens, where=where, gene_column=gene_column)
     values = token_expression(tokens.tokens, observed.gene_ids, observed.expression)
-    predicted = complete(model, tokens.tokens, values, info.vocab.lookup(new), info.tokens.n_bins)
+    predicted = complete(
+        model, tokens.tokens, values, info.vocab.lookup(new), info.tokens.n_bins, progress
+    )
     x = np.concatenate([observed.expression, predicted], axis=1)
     var = {"completed": np.r_[np.zeros(len(observed.genes), bool), np.ones(len(new), bool)]}
     uns = {"scgpt_complete": {"run": str(run), "data": str(data), "units": UNITS}}

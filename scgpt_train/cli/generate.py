@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from scgpt_runtime.cli.common import EXIT_CODES, check_where
+from scgpt_runtime.cli.common import EXIT_CODES, check_where, progress_bar
 
 from ..generate import DECODERS, PROMPTS
 from ..generate_files import write_completed, write_generated
@@ -84,13 +84,19 @@ def generate(run: str, data: str, out: Path, complete: bool, as_json: bool, **op
     if complete:
         if not options["genes_file"]:
             raise click.UsageError("--complete needs --genes FILE (the genes to predict)")
-        summary = write_completed(run, data, out, genes_file=options["genes_file"], **common)
+        with progress_bar("Completing") as progress:
+            summary = write_completed(
+                run, data, out, genes_file=options["genes_file"], progress=progress, **common
+            )
         line = f"{out}: {summary['cells']} cells, {summary['completed']} genes completed"
     else:
         if not options["label_key"]:
             raise click.UsageError("generation needs --label-key (the reference's cell types)")
         labels = options.pop("labels")
         labels = [v.strip() for v in labels.split(",") if v.strip()] if labels else None
-        summary = write_generated(run, data, out, labels=labels, **options, **common)
+        with progress_bar("Generating") as progress:
+            summary = write_generated(
+                run, data, out, labels=labels, progress=progress, **options, **common
+            )
         line = f"{out}: {summary['cells']} cells x {summary['genes']} genes ({summary['units']})"
     echo_summary(summary, as_json, line)

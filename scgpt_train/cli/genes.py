@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from scgpt_runtime.cli.common import EXIT_CODES, check_where
+from scgpt_runtime.cli.common import EXIT_CODES, check_where, progress_bar
 
 from ..gene_attention import MAX_CELLS, TOP, write_attention
 from ..gene_attention import N_HVG as ATTENTION_HVG
@@ -174,9 +174,15 @@ def attention(out: str, tfs: tuple[str, ...], as_json: bool, **options: Any) -> 
     averaged over heads and cells. TF -> target scores how strongly the target attends to
     the TF. Output: source, target, score (tab-separated).
     """
-    summary = write_attention(
-        options.pop("run"), options.pop("data"), Path(out), tfs=tfs, **options
-    )
+    with progress_bar("Attention") as progress:
+        summary = write_attention(
+            options.pop("run"),
+            options.pop("data"),
+            Path(out),
+            tfs=tfs,
+            progress=progress,
+            **options,
+        )
     echo_summary(
         summary, as_json, f"{out}: {summary['edges']} edges among {summary['genes']} genes"
     )
