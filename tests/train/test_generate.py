@@ -75,6 +75,15 @@ def test_same_seed_same_cells_and_types_differ(toy, tmp_path, decoder):
     assert np.abs(t.mean(0) - bcells.mean(0)).max() > 0.1  # two prompts, two means
 
 
+def test_cell_prompts_vary_the_prediction_itself(toy, tmp_path):
+    tmp = toy[0]
+    mean = generated(tmp, tmp_path / "m.h5ad", "--seed", "5")
+    cells = generated(tmp, tmp_path / "c.h5ad", "--seed", "5", "--prompt", "cells")
+    again = generated(tmp, tmp_path / "c2.h5ad", "--seed", "5", "--prompt", "cells")
+    np.testing.assert_array_equal(cells.X, again.X)
+    assert not np.array_equal(mean.X, cells.X)
+
+
 def test_the_gen_path_equals_one_pass_over_every_gene(toy):
     """Gen tokens see only the prompt and themselves, so chunks change nothing."""
     _, model, vocab, _ = toy
@@ -130,12 +139,15 @@ def test_completion_keeps_observed_genes_and_adds_the_missing(toy, tmp_path):
         (["--label-key", "cell_type", "--labels", "B,NOPE"], "no cell has cell_type == 'NOPE'"),
         (["--label-key", "missing"], "missing"),
         (["--complete", "--genes", "GENES"], "no gene that is in the run's vocabulary"),
+        (["--label-key", "cell_type", "--genes", "UNKNOWN"], "none of the 1 genes given"),
     ],
 )
 def test_bad_inputs_are_one_line_errors(toy, tmp_path, args, message):
     tmp = toy[0]
     (tmp_path / "genes.txt").write_text("NOT_A_GENE\nG2\n")  # G2 is measured already
+    (tmp_path / "unknown.txt").write_text("NOT_A_GENE\n")
     args = [str(tmp_path / "genes.txt") if a == "GENES" else a for a in args]
+    args = [str(tmp_path / "unknown.txt") if a == "UNKNOWN" else a for a in args]
     r = run_cli(
         "generate",
         "--from",
