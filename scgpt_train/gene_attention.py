@@ -25,9 +25,8 @@ from scgpt_runtime.genes import read_gene_list
 from scgpt_runtime.io.write import write_tsv
 from scgpt_runtime.outputs import check_output
 
-from .checkpoint import load_run
-from .distributed import resolve_device
 from .gene_data import GeneCells, load_gene_cells
+from .inference import load_for_inference
 from .model import ScGPT, attn_bias, padding_attn_mask
 
 N_HVG = 1000  # genes per cell input: cost grows as genes^2 per head and cell
@@ -126,10 +125,7 @@ def write_attention(
     first), or the `top` edges overall (self-edges left out); `progress(n, total)` as cells
     are done. Returns a summary."""
     check_output(out, overwrite=overwrite, source=Path(data))
-    model, info = load_run(run)
-    if info.model.n_dsbn:
-        raise InputError(f"{run}: the model uses DSBN, which needs batch labels")
-    model.to(resolve_device(device))
+    model, info = load_for_inference(run, device)
     genes = read_gene_list(genes_file) if genes_file else None
     column, first, second = parse_contrast(contrast) if contrast else (None, None, None)
     cells = load_gene_cells(

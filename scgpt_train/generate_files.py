@@ -17,11 +17,9 @@ from scgpt_runtime.io.write import write_dense_h5ad
 from scgpt_runtime.outputs import check_output
 
 from .cells import load_cells
-from .checkpoint import RunInfo, load_run
-from .distributed import resolve_device
 from .gene_data import load_gene_cells
 from .generate import Reference, complete, generate, token_expression
-from .inference import embed
+from .inference import embed, load_for_inference
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +48,7 @@ def write_generated(
     """GEN.h5ad: `n_cells` generated cells per label of the reference `data`. Returns a
     summary."""
     check_output(out, overwrite=overwrite, source=Path(data))
-    model, info = _model(run, device)
+    model, info = load_for_inference(run, device)
     genes = read_gene_list(genes_file) if genes_file else None
     cells = load_gene_cells(
         data,
@@ -123,7 +121,7 @@ def write_completed(
     """DONE.h5ad: every cell over its measured genes in the vocabulary (log1p(CP10k), as
     measured) and the genes of `genes_file` it lacks (predicted; var `completed`)."""
     check_output(out, overwrite=overwrite, source=Path(data))
-    model, info = _model(run, device)
+    model, info = load_for_inference(run, device)
     observed = load_gene_cells(
         data, info.vocab, info.tokens, n_top=None, where=where, gene_column=gene_column
     )
@@ -164,10 +162,3 @@ def write_completed(
         "completed": len(new),
         "units": UNITS,
     }
-
-
-def _model(run: str, device: str) -> tuple[Any, RunInfo]:
-    model, info = load_run(run)
-    if info.model.n_dsbn or info.model.n_batch_tokens:
-        raise InputError(f"{run}: the model needs batch labels (DSBN or batch tokens)")
-    return model.to(resolve_device(device)).eval(), info

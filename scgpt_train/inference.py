@@ -10,8 +10,19 @@ import torch.nn.functional as F
 from scgpt_runtime.errors import InputError
 from scgpt_runtime.tokens import TokenBlock
 
+from .checkpoint import RunInfo, load_run
+from .distributed import resolve_device
 from .metrics import Prediction, decide
 from .model import ScGPT
+
+
+def load_for_inference(run: str, device: str = "auto") -> tuple[ScGPT, RunInfo]:
+    """A run's model in eval mode on `device`; InputError (one line) for a model that needs
+    batch labels (DSBN or batch tokens), which the gene and generation commands do not take."""
+    model, info = load_run(run)
+    if info.model.n_dsbn or info.model.n_batch_tokens:
+        raise InputError(f"{run}: the model needs batch labels (DSBN or batch tokens)")
+    return model.to(resolve_device(device)).eval(), info
 
 
 def _batches_in_order(tokens: TokenBlock, batch_size: int) -> list[np.ndarray]:
