@@ -11,6 +11,9 @@ from .csr import CsrBlock
 HVG_MEAN_BINS = 20  # scanpy's default n_bins for flavor="seurat"
 
 
+CP10K = 1e4  # counts per 10,000: the scale of log1p(CP10k), scanpy's usual target_sum
+
+
 def scale_rows(values: np.ndarray, indptr: np.ndarray, target_sum: float) -> np.ndarray:
     """`values` (laid out in rows by `indptr`) scaled so that each row sums to `target_sum`.
 
@@ -22,7 +25,7 @@ def scale_rows(values: np.ndarray, indptr: np.ndarray, target_sum: float) -> np.
     return (values * scale[rows]).astype(np.float32)
 
 
-def normalize_total(block: CsrBlock, target_sum: float = 1e4) -> CsrBlock:
+def normalize_total(block: CsrBlock, target_sum: float = CP10K) -> CsrBlock:
     """Scale every cell to a total of `target_sum` (as scanpy's normalize_total); empty cells stay
     empty."""
     if not target_sum > 0:
@@ -62,7 +65,7 @@ def highly_variable_genes(
     for block in blocks:
         if block.n_cols != n_genes:
             raise ValueError(f"a block has {block.n_cols} columns, expected {n_genes}")
-        x = scale_rows(block.data, block.indptr, 1e4).astype(np.float64)
+        x = scale_rows(block.data, block.indptr, CP10K).astype(np.float64)
         total += np.bincount(block.indices, weights=x, minlength=n_genes)
         total_sq += np.bincount(block.indices, weights=x * x, minlength=n_genes)
         n_cells += block.n_rows

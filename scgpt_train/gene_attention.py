@@ -128,17 +128,21 @@ def write_attention(
     model, info = load_for_inference(run, device)
     genes = read_gene_list(genes_file) if genes_file else None
     column, first, second = parse_contrast(contrast) if contrast else (None, None, None)
+    if unknown := [t for t in tfs if t not in info.vocab]:
+        raise InputError(f"--tf {unknown[0]}: not a gene of the run's vocabulary")
     cells = load_gene_cells(
         data,
         info.vocab,
         info.tokens,
         genes=genes,
         n_top=n_top,
+        also=tfs,  # a TF outside the network genes joins them
         where=where,
         gene_column=gene_column,
         label_key=column,
     )
-    cells = _with_tfs(cells, tfs, data, info, where, gene_column, column)
+    if absent := [t for t in tfs if t not in cells.genes]:
+        raise InputError(f"--tf {absent[0]}: not a gene of {data}")
     rng = np.random.default_rng(seed)
     groups = {}
     for group in [first, second] if column else [None]:
@@ -168,31 +172,6 @@ def write_attention(
         "tfs": list(tfs),
         "contrast": contrast,
     }
-
-
-def _with_tfs(cells: GeneCells, tfs, data, info, where, gene_column, label_key) -> GeneCells:
-    """The cells again with the TFs among the genes, where some are not; unknown TFs are a
-    one-line error."""
-    unknown = [t for t in tfs if t not in info.vocab]
-    if unknown:
-        raise InputError(f"--tf {unknown[0]}: not a gene of the run's vocabulary")
-    missing = [t for t in tfs if t not in cells.genes]
-    if not missing:
-        return cells
-    genes = cells.genes + missing
-    more = load_gene_cells(
-        data,
-        info.vocab,
-        info.tokens,
-        genes=genes,
-        where=where,
-        gene_column=gene_column,
-        label_key=label_key,
-    )
-    absent = [t for t in tfs if t not in more.genes]
-    if absent:
-        raise InputError(f"--tf {absent[0]}: not a gene of {data}")
-    return more
 
 
 def _edges(a: np.ndarray, genes: list[str], tfs: tuple[str, ...], top: int) -> list[tuple]:

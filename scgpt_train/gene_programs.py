@@ -111,12 +111,16 @@ def find_programs(
     return Programs(list(genes), [g.tolist() for g in central])
 
 
-def program_scores(expression: np.ndarray, members: list[list[int]]) -> np.ndarray:
-    """(cells, programs) float32: the mean z-scored log1p(CP10k) of each program's genes
-    (a gene constant over the cells scores 0)."""
+def zscores(expression: np.ndarray) -> np.ndarray:
+    """(cells, genes) float64 values z-scored per gene over the cells (a constant gene: 0)."""
     x = np.asarray(expression, np.float64)
     sd = x.std(axis=0)
-    z = (x - x.mean(axis=0)) / np.where(sd > 0, sd, 1.0)
+    return (x - x.mean(axis=0)) / np.where(sd > 0, sd, 1.0)
+
+
+def program_scores(expression: np.ndarray, members: list[list[int]]) -> np.ndarray:
+    """(cells, programs) float32: the mean z-scored log1p(CP10k) of each program's genes."""
+    z = zscores(expression)
     return np.stack([z[:, m].mean(axis=1) for m in members], axis=1).astype(np.float32)
 
 
@@ -225,6 +229,7 @@ def write_programs(
         where=where,
         gene_column=gene_column,
         label_key=label_key,
+        with_bins=False,  # programs use embeddings and values, not model inputs
     )
     for name, sets in gene_sets.items():
         sets_within(sets, set(cells.genes), name)  # before the work: a file that cannot hit
@@ -296,13 +301,18 @@ def _write_enrichment(path: Path, table: list[dict]) -> None:
     write_tsv(path, header, ([r[h] for h in header] for r in table))
 
 
+def enriched(table: list[dict]) -> dict[str, set[str]]:
+    """Per gene-set file of an enrichment table, the programs with a set at BH q < ALPHA."""
+    hits: dict[str, set[str]] = {r["source"]: set() for r in table}
+    for r in table:
+        if r["q"] < ALPHA:
+            hits[r["source"]].add(r["program"])
+    return hits
+
+
 def _enriched_share(names: list[str], table: list[dict]) -> dict[str, float]:
-    """Per gene-set file, the share of programs with a set at BH q < 0.05."""
-    sources = sorted({r["source"] for r in table})
-    hits = {
-        s: {r["program"] for r in table if r["source"] == s and r["q"] < ALPHA} for s in sources
-    }
-    return {s: round(len(hits[s]) / len(names), 4) for s in sources}
+    """Per gene-set file, the share of programs with a set at BH q < ALPHA."""
+    return {s: round(len(p) / len(names), 4) for s, p in sorted(enriched(table).items())}
 
 
 def _write_scores(data: str, dst: Path, names, scores, cells: GeneCells, run, overwrite) -> None:

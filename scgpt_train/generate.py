@@ -52,32 +52,46 @@ def reference_of(model: ScGPT, cells: GeneCells, tokens: TokenBlock) -> Referenc
     return Reference(cells, embed(model, tokens))
 
 
+def gen_predictions(model: ScGPT, observed: tuple, gene_ids: np.ndarray, prompt=None):
+    """(B, G) gen_pred (bins) of genes `gene_ids` after the observed tokens `observed` (gene
+    ids, values, padding mask; (B, Lp) tensors), CHUNK gen tokens per pass: exact, since a gen
+    token attends to the observed tokens and itself only. `prompt` (B, d): the <cls> input."""
+    device = observed[0].device
+    out = np.empty((len(observed[0]), len(gene_ids)), dtype=np.float32)
+    for g0 in range(0, len(gene_ids), CHUNK):
+        ids = torch.from_numpy(np.asarray(gene_ids[g0 : g0 + CHUNK], np.int64)).to(device)
+        gen = ids[None].expand(len(out), -1)
+        res = model.forward_generative(
+            *observed,
+            gen,
+            torch.zeros(gen.shape, dtype=torch.bool, device=device),
+            input_cell_emb=prompt,
+        )
+        out[:, g0 : g0 + len(ids)] = res["gen_pred"].float().cpu().numpy()
+    return out
+
+
 @torch.no_grad()
 def decode(model: ScGPT, prompts: np.ndarray, gene_ids: np.ndarray, decoder: str, cls: tuple):
     """(B, G) float32 predicted bins of genes `gene_ids` from cell embeddings `prompts` (B, d);
     `cls` = (cls_id, cls_value) of the run."""
     model.eval()
     device = next(model.parameters()).device
+    ids = torch.from_numpy(np.asarray(gene_ids, np.int64)).to(device)
     out = np.empty((len(prompts), len(gene_ids)), dtype=np.float32)
     for lo in range(0, len(prompts), BATCH):
         emb = torch.from_numpy(np.asarray(prompts[lo : lo + BATCH], np.float32)).to(device)
-        for g0 in range(0, len(gene_ids), CHUNK):
-            ids = torch.from_numpy(np.asarray(gene_ids[g0 : g0 + CHUNK], np.int64)).to(device)
-            genes = ids[None].expand(len(emb), -1)
-            if decoder == "gepc":
-                pred, _ = model.mvc_decoder(emb, model.encoder(genes))
-            else:
-                B = len(emb)
-                res = model.forward_generative(
-                    torch.full((B, 1), cls[0], dtype=torch.int64, device=device),
-                    torch.full((B, 1), cls[1], dtype=torch.float32, device=device),
-                    torch.zeros((B, 1), dtype=torch.bool, device=device),
-                    genes,
-                    torch.zeros(genes.shape, dtype=torch.bool, device=device),
-                    input_cell_emb=emb,
-                )
-                pred = res["gen_pred"]
-            out[lo : lo + len(emb), g0 : g0 + len(ids)] = pred.float().cpu().numpy()
+        B = len(emb)
+        if decoder == "gepc":
+            pred, _ = model.mvc_decoder(emb, model.encoder(ids[None].expand(B, -1)))
+            out[lo : lo + B] = pred.float().cpu().numpy()
+            continue
+        cls_token = (  # <cls> alone, its input embedding replaced by the prompt
+            torch.full((B, 1), cls[0], dtype=torch.int64, device=device),
+            torch.full((B, 1), cls[1], dtype=torch.float32, device=device),
+            torch.zeros((B, 1), dtype=torch.bool, device=device),
+        )
+        out[lo : lo + B] = gen_predictions(model, cls_token, gene_ids, prompt=emb)
     return out
 
 
@@ -156,13 +170,8 @@ def complete(
     bins = np.empty((tokens.n_cells, len(target_ids)), dtype=np.int64)
     for lo in range(0, tokens.n_cells, BATCH):
         rows = np.arange(lo, min(lo + BATCH, tokens.n_cells))
-        genes, values, pad = batch_inputs(tokens, rows, device)
-        for g0 in range(0, len(target_ids), CHUNK):
-            ids = torch.from_numpy(np.asarray(target_ids[g0 : g0 + CHUNK], np.int64)).to(device)
-            gen = ids[None].expand(len(rows), -1)
-            res = model.forward_generative(genes, values, pad, gen, torch.zeros_like(gen).bool())
-            pred = np.rint(res["gen_pred"].float().cpu().numpy())
-            bins[rows, g0 : g0 + len(ids)] = np.clip(pred, 0, n_bins - 1)
+        pred = gen_predictions(model, tuple(batch_inputs(tokens, rows, device)), target_ids)
+        bins[rows] = np.clip(np.rint(pred), 0, n_bins - 1)
         if progress is not None:
             progress(len(rows), tokens.n_cells)
     out = np.empty(bins.shape, dtype=np.float32)

@@ -123,7 +123,13 @@ def write_completed(
     check_output(out, overwrite=overwrite, source=Path(data))
     model, info = load_for_inference(run, device)
     observed = load_gene_cells(
-        data, info.vocab, info.tokens, n_top=None, where=where, gene_column=gene_column
+        data,
+        info.vocab,
+        info.tokens,
+        n_top=None,
+        where=where,
+        gene_column=gene_column,
+        with_bins=False,
     )
     wanted = read_gene_list(genes_file)
     new = [g for g in wanted if g in info.vocab and g not in set(observed.genes)]

@@ -24,7 +24,7 @@ from scgpt_runtime.errors import InputError
 from scgpt_runtime.genes import match_genes
 from scgpt_runtime.io import open_counts
 from scgpt_runtime.obs import obs_strings, parse_where, selected
-from scgpt_runtime.preprocess import log1p, normalize_total
+from scgpt_runtime.preprocess import CP10K, log1p, normalize_total
 from scgpt_runtime.tokens import TokenConfig, bin_dense
 from scgpt_runtime.vocab import Vocab
 
@@ -32,7 +32,6 @@ FLAG_NONE, FLAG_PERTURBED, FLAG_PAD = 0, 1, 2  # the official perturbation flag 
 N_FLAGS = 3
 MASK_VALUE = -1.0  # value of a flagged gene that was not measured: "unknown", as in GEP
 MAX_LEN = 1536  # tokens per input: the official perturbation max_seq_len
-CP10K = 1e4
 
 
 def condition_targets(label: str, control: str) -> tuple[str, ...]:
@@ -129,7 +128,7 @@ def load_screen(
     bins, expression = [], []
     for block in blocks:
         bins.append(bin_dense(block, columns, gene_ids, tokens))
-        expression.append(log1p(normalize_total(block, CP10K)).to_dense()[:, columns])
+        expression.append(log1p(normalize_total(block, CP10K)).dense_columns(columns))
     rows = np.flatnonzero(keep)
     return Screen(
         path=str(path),

@@ -215,7 +215,7 @@ def evaluate(work: Path, seeds: list[int]) -> dict:
     counts, train_all, train_y, names = log_cp10k(train_path)
     test_counts, test_all, test_y, _ = log_cp10k(test_path)
     _, info = load_run(str(runs["pretrained"]))
-    hvg = load_gene_cells(train_path, info.vocab, info.tokens, n_top=N_HVG)
+    hvg = load_gene_cells(train_path, info.vocab, info.tokens, n_top=N_HVG, with_bins=False)
     cols = np.array([names.index(g) for g in hvg.genes])
     train, test = train_all[:, cols], test_all[:, cols]
     pca = PCA(N_PCS, random_state=0).fit(train)

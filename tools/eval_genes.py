@@ -52,7 +52,15 @@ from scgpt_train.gene_evaluation import (
     pair_task,
     tf_task,
 )
-from scgpt_train.gene_programs import Programs, cosine_matrix, enrichment, find_programs, read_gmt
+from scgpt_train.gene_programs import (
+    Programs,
+    cosine_matrix,
+    enriched,
+    enrichment,
+    find_programs,
+    read_gmt,
+    zscores,
+)
 from scgpt_train.model import ScGPT
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -177,8 +185,7 @@ def programs_share(genes, vectors, rng_seed, sizes=None) -> dict:
 def _shares(progs: Programs, sets: dict) -> dict:
     out = {}
     for name, gene_sets in sets.items():
-        table = enrichment(progs, gene_sets, name)
-        hits = {r["program"] for r in table if r["q"] < 0.05}
+        hits = enriched(enrichment(progs, gene_sets, name)).get(name, set())
         out[name] = len(hits) / max(len(progs.members), 1)
         out[f"{name}_programs"] = len(hits)
     return out
@@ -211,12 +218,14 @@ def models(work: Path, seed: int) -> tuple[ScGPT, ScGPT, Any]:
 
 def evaluate_seed(work: Path, seed: int) -> dict:
     trained, random_init, info = models(work, seed)
-    kang = load_gene_cells(KANG, info.vocab, info.tokens, genes=_kang_genes(info.vocab))
+    kang = load_gene_cells(
+        KANG, info.vocab, info.tokens, genes=_kang_genes(info.vocab), with_bins=False
+    )
     keep = (kang.expression > 0).sum(axis=0) >= MIN_CELLS
     genes = [g for g, k in zip(kang.genes, keep, strict=True) if k]
     ids, x = kang.gene_ids[keep], kang.expression[:, keep].astype(np.float64)
     base = baselines(x, np.random.default_rng(seed))
-    hvg = load_gene_cells(KANG, info.vocab, info.tokens, n_top=N_ATTENTION)
+    hvg = load_gene_cells(KANG, info.vocab, info.tokens, n_top=N_ATTENTION, with_bins=False)
     expressed = set(genes)  # rare variable genes out: the same universe as the other scores
     hvg = load_gene_cells(
         KANG, info.vocab, info.tokens, genes=[g for g in hvg.genes if g in expressed]
@@ -240,9 +249,10 @@ def evaluate_seed(work: Path, seed: int) -> dict:
 def evaluate_programs(trained: ScGPT, random_init: ScGPT, info, seed: int) -> dict:
     """Programs of the pretrained and random-initialised encoder embeddings, of
     co-expression, and random programs of the pretrained ones' sizes."""
-    program_cells = load_gene_cells(KANG, info.vocab, info.tokens, n_top=N_PROGRAM_GENES)
-    z = program_cells.expression - program_cells.expression.mean(axis=0)
-    z /= np.where(z.std(axis=0) > 0, z.std(axis=0), 1)
+    program_cells = load_gene_cells(
+        KANG, info.vocab, info.tokens, n_top=N_PROGRAM_GENES, with_bins=False
+    )
+    z = zscores(program_cells.expression)
     progs = {
         "pretrained": programs_share(
             program_cells.genes, encoder_embeddings(trained, program_cells.gene_ids), seed
