@@ -99,9 +99,15 @@ def export_run(
     source = _validation_source(Path(run), info, validation_data)
     real = None
     if source is not None:
-        real = read_cells(source, info.vocab, validation_cells, info.train.get("gene_column"))
+        gene_column = info.train.get("gene_column")
+        real = read_cells(source, info.vocab, validation_cells, gene_column, info.modalities)
     log.info("validating on %s", source or f"{validation_cells} synthetic cells")
     lengths = sorted(set(max_lens or _ladder(model, info, source)))
+    if info.modalities and lengths[-1] != info.tokens.max_seq_len:
+        raise ValueError(
+            f"a multi-omics model is served at its full length {info.tokens.max_seq_len} "
+            "(the sum of its modalities' tokens): include it in --max-len"
+        )
     tokens = replace(info.tokens, max_seq_len=lengths[-1])
     log.info("lengths served: %s", ", ".join(map(str, lengths)))
 
@@ -174,6 +180,7 @@ def export_run(
             validation=validation,
             provenance={"training": info.provenance, "export": _provenance(run, opset)},
             gene_embeddings=encoder_embeddings(model, np.arange(len(info.vocab))),
+            modalities=info.modalities,
             overwrite=overwrite,
         )
     bundle = load_bundle(out, verify=False)
@@ -202,7 +209,9 @@ def _ladder(model: Any, info: RunInfo, source: Path | None) -> list[int]:
     """The lengths to serve, from the token counts of the validation file's cells."""
     if source is None:
         return halving_ladder(info.tokens.max_seq_len)
-    n_tokens = token_counts(source, info.vocab, info.tokens, info.train.get("gene_column"))
+    n_tokens = token_counts(
+        source, info.vocab, info.tokens, info.train.get("gene_column"), modalities=info.modalities
+    )
     cfg = info.model
     return choose_ladder(n_tokens, info.tokens.max_seq_len, cfg.d_model, cfg.d_hid)
 

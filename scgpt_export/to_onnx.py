@@ -1,6 +1,7 @@
 """ScGPT to ONNX: the inference module a graph is traced from, and the export call.
 
-A graph takes (gene_ids, values, padding_mask) with a symbolic batch and length axis and
+A graph takes (gene_ids, values, padding_mask) with a symbolic batch and length axis (and
+modality_ids, for a multi-omics model that adds the modality embedding to its input) and
 returns the raw <cls> embedding, its L2-normalised form and, where the model has a cell-type
 head, class probabilities (names from scgpt_runtime.bundle). The runtime feeds it only the
 lengths of the bundle's ladder, each validated at export, padded and masked: the padding mask
@@ -23,7 +24,7 @@ from onnxscript.rewriter.ort_fusions import optimize_for_ort
 from torch import Tensor, nn
 
 from scgpt_runtime.bundle import CELL_EMB, CELL_EMB_NORMALIZED, CLASS_PROBS
-from scgpt_runtime.tokens import INPUT_NAMES
+from scgpt_runtime.tokens import INPUT_NAMES, MODALITY
 from scgpt_train.model import ScGPT
 
 OPSETS = (18, 19, 20)  # onnxruntime runs these on CPU and CUDA
@@ -37,23 +38,51 @@ class CellEncoder(nn.Module):
         self.model = model
 
     def forward(self, gene_ids: Tensor, values: Tensor, padding_mask: Tensor) -> tuple[Tensor, ...]:
+        return self.outputs(gene_ids, values, padding_mask)
+
+    def outputs(
+        self, gene_ids: Tensor, values: Tensor, padding_mask: Tensor, mod_ids: Tensor | None = None
+    ) -> tuple[Tensor, ...]:
         m = self.model
         # The model's own path; its padding mask becomes the finite additive bias MASK_BIAS
         # (model.py), so no softmax row can become NaN and fp16 can hold it.
-        cell_emb = m.cell_embedding(gene_ids, values, padding_mask)  # (B, d)
+        cell_emb = m.cell_embedding(gene_ids, values, padding_mask, mod_ids=mod_ids)  # (B, d)
         outputs = (cell_emb, F.normalize(cell_emb, dim=-1))  # x / max(||x||, 1e-12)
         if m.cls_decoder is not None:  # fixed by the model, not by the data
             outputs += (torch.softmax(m.cls_decoder(cell_emb), dim=-1),)  # (B, n_cls)
         return outputs
 
 
-SERVED_PARTS = ("encoder.", "value_encoder.", "bn.", "transformer_encoder.", "cls_decoder.")
+class ModalityCellEncoder(CellEncoder):
+    """The graph of a multi-omics model that adds the modality embedding to its input: it
+    also takes the modality of every token."""
+
+    def forward(
+        self, gene_ids: Tensor, values: Tensor, padding_mask: Tensor, modality_ids: Tensor
+    ) -> tuple[Tensor, ...]:
+        return self.outputs(gene_ids, values, padding_mask, modality_ids)
+
+
+SERVED_PARTS = (
+    "encoder.",
+    "value_encoder.",
+    "bn.",
+    "transformer_encoder.",
+    "cls_decoder.",
+)
 
 
 def served_parameters(model: ScGPT) -> int:
     """Parameters of what a graph computes (CellEncoder): the input encoders, the transformer
-    and the cell-type head; the training-only decoders are left out."""
-    return sum(p.numel() for n, p in model.named_parameters() if n.startswith(SERVED_PARTS))
+    and the cell-type head (and the modality embedding where the input adds it); the
+    training-only decoders are left out."""
+    parts = SERVED_PARTS + ("mod_encoder.",) * model.cfg.mod_input
+    return sum(p.numel() for n, p in model.named_parameters() if n.startswith(parts))
+
+
+def input_names(model: ScGPT) -> list[str]:
+    """Names of the graph inputs, in order."""
+    return [*INPUT_NAMES, MODALITY] if model.cfg.mod_input else list(INPUT_NAMES)
 
 
 def output_names(model: ScGPT) -> list[str]:
@@ -85,20 +114,24 @@ def export_onnx(
         torch.randint(0, cfg.n_bins, (2, max_seq_len), generator=g).float(),  # which torch
         torch.zeros(2, max_seq_len, dtype=torch.bool),  # would specialise
     )
+    if cfg.mod_input:
+        example += (torch.randint(0, cfg.n_mod, (2, max_seq_len), generator=g),)
+    names = input_names(model)
     axes = {0: torch.export.Dim("batch"), 1: torch.export.Dim("length", min=2, max=max_seq_len)}
     with warnings.catch_warnings():
         # Notes of torch itself, not about this model: a deprecation inside torch.export, and
         # that the three inputs share their axes (as intended).
         warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
         warnings.filterwarnings("ignore", message=r".*The axis name: \w+ will not be used")
+        encoder = ModalityCellEncoder if cfg.mod_input else CellEncoder
         program = torch.onnx.export(
-            CellEncoder(model).eval(),
+            encoder(model).eval(),
             example,
-            input_names=list(INPUT_NAMES),
+            input_names=names,
             output_names=output_names(model),
             opset_version=opset,
             dynamo=True,
-            dynamic_shapes=dict.fromkeys(INPUT_NAMES, axes),
+            dynamic_shapes=dict.fromkeys(names, axes),
             external_data=False,
             verbose=False,
         )

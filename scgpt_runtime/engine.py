@@ -33,11 +33,14 @@ from .genes import MIN_GENE_FRACTION, GeneMatch, match_genes
 from .io import open_counts
 from .io.arrays import ArrayCounts
 from .io.base import CountMatrix
+from .io.multimodal import MultiModalMatrix
+from .modalities import Modality, ModalityMatch, match_modalities
 from .obs import obs_strings
 from .reference import Reference
 from .results import Result, temperature_scaled
 from .served import ServedModel
-from .tokens import TokenBlock, tokenize
+from .tokens import ModalityColumns, TokenBlock, tokenize
+from .vocab import GENE
 
 BLOCK_SIZE = 2048  # cells read and tokenized at a time: 2048 x 1200 tokens is about 32 MB
 Progress = Callable[..., None]  # (n_cells, total, status="")
@@ -167,6 +170,7 @@ class Model(ServedModel):
                 normalized=normalized,
                 class_probs=class_probs,
                 progress=progress,
+                modalities=token_modalities(self.bundle, match),
             )
 
 
@@ -194,10 +198,21 @@ def match_bundle_genes(
     bundle: Bundle,
     gene_column: str | None = None,
     min_fraction: float = MIN_GENE_FRACTION,
-) -> GeneMatch:
+) -> GeneMatch | ModalityMatch:
     """The vocabulary id of every gene of `counts` for `bundle` (-1: not used): genes outside
     the bundle's gene panel, where it has one, are not used. GeneMatchError below
-    `min_fraction`."""
+    `min_fraction`. A file of several modalities is matched modality by modality to the
+    bundle's (a bundle of genes only reads the file's gene modality)."""
+    if isinstance(counts, MultiModalMatrix):
+        genes_only = [Modality("rna", GENE, bundle.tokens.max_seq_len - 1)]
+        return match_modalities(
+            counts,
+            bundle.vocab,
+            bundle.modalities or genes_only,
+            gene_column=gene_column,
+            min_fraction=min_fraction,
+            panel=bundle.gene_panel,
+        )
     return match_genes(
         counts.var,
         bundle.vocab,
@@ -206,6 +221,11 @@ def match_bundle_genes(
         source=str(counts.path),
         panel=bundle.gene_panel,
     )
+
+
+def token_modalities(bundle: Bundle, match: GeneMatch | ModalityMatch) -> ModalityColumns | None:
+    """What `tokenize` needs to know of the columns' modalities: for a multi-omics bundle."""
+    return match.columns if bundle.modalities and isinstance(match, ModalityMatch) else None
 
 
 def run(
@@ -220,6 +240,7 @@ def run(
     class_probs: bool = False,
     embedding: np.ndarray | None = None,
     progress: Progress | None = None,
+    modalities: ModalityColumns | None = None,
 ) -> Result:
     """Run the model on cells [start, stop) of `counts`.
 
@@ -229,6 +250,7 @@ def run(
         class_probs: also the class probabilities (the bundle needs a classifier).
         embedding: an (n, d) float32 array to fill (a memory map for large outputs).
         progress: called as progress(n, total, status) after every block.
+        modalities: the modality of every column, for a multi-omics bundle (token_modalities).
     """
     stop = counts.n_cells if stop is None else min(stop, counts.n_cells)
     n = max(stop - start, 0)
@@ -241,7 +263,8 @@ def run(
         class_probs=np.empty((n, len(model.labels or [])), np.float32) if class_probs else None,
     )
     t0, done = time.perf_counter(), 0
-    for tokens in _tokenized(model.bundle, counts, column_ids, start, stop, block_size):
+    chunks = _tokenized(model.bundle, counts, column_ids, start, stop, block_size, modalities)
+    for tokens in chunks:
         outputs = model.infer(tokens.inputs, names)
         rows = slice(tokens.start - start, tokens.start - start + tokens.n_cells)
         result.n_genes[rows] = tokens.n_genes
@@ -270,15 +293,17 @@ def _tokenized(
     start: int,
     stop: int,
     block_size: int,
+    modalities: ModalityColumns | None = None,
 ) -> Iterator[TokenBlock]:
     """Tokenized blocks of [start, stop), read and tokenized one block ahead in a thread."""
     blocks = counts.iter_blocks(block_size, start, stop)
+    vocab = bundle.vocab
 
     def produce() -> TokenBlock | None:
         block = next(blocks, None)
         if block is None:
             return None
-        return tokenize(block, column_ids, bundle.tokens, bundle.vocab.cls_id, bundle.vocab.pad_id)
+        return tokenize(block, column_ids, bundle.tokens, vocab.cls_id, vocab.pad_id, modalities)
 
     yield from _prefetch(produce)
 

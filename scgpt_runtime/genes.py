@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import GeneMatchError, InputError
-from .vocab import SPECIALS, Vocab
+from .vocab import GENE, SPECIALS, Vocab
 
 # Identifier columns, most preferred first: CELLxGENE's feature_name is what the official
 # vocabulary was built from; symbols before Ensembl ids; the var index last but one.
@@ -105,6 +105,7 @@ def match_genes(
     min_fraction: float = MIN_GENE_FRACTION,
     source: str = "input",
     panel: list[str] | None = None,
+    namespace: str = GENE,
 ) -> GeneMatch:
     """Match genes to `vocab` on `gene_column`, or on the identifier column that matches most.
 
@@ -112,14 +113,15 @@ def match_genes(
     genes map to one token the first (lowest column index) keeps it. With a gene `panel` (the
     genes a model was restricted to), genes outside it are not used and the fraction counts
     against the panel. Raises GeneMatchError when fewer than `min_fraction` of the possible
-    matches do (see `GeneMatch.fraction`).
+    matches do (see `GeneMatch.fraction`). Features of another modality match the tokens of
+    their `namespace` ("protein", "peak") instead of genes.
     """
     if gene_column is not None and gene_column not in var:
         raise GeneMatchError(
             f"{source}: has no gene column {gene_column!r} (available: {', '.join(var)})"
         )
     candidates = [gene_column] if gene_column else _candidates(var)
-    scored = [(c, vocab.lookup(strip_versions(var[c]))) for c in candidates]
+    scored = [(c, vocab.lookup(strip_versions(var[c]), namespace)) for c in candidates]
     column, ids = max(scored, key=lambda s: int((s[1] >= 0).sum()))  # first wins ties
     n_total = len(ids)
     ids = ids.copy()
@@ -129,7 +131,9 @@ def match_genes(
     duplicate[first] = False
     ids[matched[duplicate]] = -1
     unmatched = [str(n) for n in var[column][ids < 0][:5]]
-    n_vocab_genes = len(vocab) - sum(s in vocab for s in SPECIALS)
+    n_vocab_genes = vocab.namespaces.count(namespace)
+    if namespace == GENE:
+        n_vocab_genes -= sum(s in vocab for s in SPECIALS)
     if panel is not None:
         ids[~np.isin(ids, vocab.lookup(panel))] = -1
         n_vocab_genes = len(panel)

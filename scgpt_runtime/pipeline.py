@@ -21,7 +21,7 @@ from typing import IO, Any
 import numpy as np
 import onnxruntime as ort
 
-from . import outputs
+from . import engine, outputs
 from . import reference as reference_files
 from .bundle import load_bundle
 from .engine import BLOCK_SIZE, Model, Progress, label_cells, match_bundle_genes, run
@@ -30,6 +30,7 @@ from .genes import MIN_GENE_FRACTION
 from .io import open_counts
 from .io.atomic import atomic_dir
 from .io.probe import probe
+from .modalities import ModalityMatch
 from .obs import obs_strings, parse_where, selected
 from .results import Result
 from .served import bundle_or_default
@@ -205,6 +206,7 @@ def serve(
                     class_probs=command == "annotate" and ref is None,
                     embedding=buffer,
                     progress=progress,
+                    modalities=engine.token_modalities(bundle, match),
                 )
                 if command == "annotate":
                     label_cells(result, ref, label_key, k, vote, unknown_below, distance_quantile)
@@ -220,6 +222,8 @@ def serve(
             summary = _summary(
                 command, file, written, shard, result, match, served, t0, run_seconds
             )
+            if isinstance(match, ModalityMatch):
+                summary["missing_modality"] = match.missing(counts, start, stop)
             if report is not None:
                 summary["report"] = str(_write_report(report, summary, settings, result, colors))
     if summary["n_empty"]:

@@ -10,7 +10,7 @@ config, never on the block size or order.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
 
@@ -101,16 +101,29 @@ class InputSpec:
 # The model inputs by name; PAD_MASK marks padding, and so decides a cell's length.
 GENE_IDS, VALUES, PAD_MASK = "gene_ids", "values", "padding_mask"
 INPUT_NAMES = (GENE_IDS, VALUES, PAD_MASK)  # the graph's input order
+MODALITY = "modality_ids"  # multi-omics: the modality of every token (after the three above)
 
 
-def input_specs(cfg: TokenConfig, cls_id: int, pad_id: int) -> tuple[InputSpec, ...]:
+def input_specs(
+    cfg: TokenConfig, cls_id: int, pad_id: int, modality: bool = False
+) -> tuple[InputSpec, ...]:
     """The model inputs `tokenize` makes, in graph order: what export traces, the bundle
-    declares and the engine feeds."""
-    return (
+    declares and the engine feeds; with `modality`, also the modality id of every token
+    (<cls> and padding count as modality 0)."""
+    specs = (
         InputSpec(GENE_IDS, "int64", pad_id, cls_id),  # <cls>, genes by ascending id, <pad>
         InputSpec(VALUES, "float32", cfg.pad_value, cfg.cls_value),  # cls_value, bins, pads
         InputSpec(PAD_MASK, "bool", True, False),  # True = padding, never attended
     )
+    return (*specs, InputSpec(MODALITY, "int64", 0, 0)) if modality else specs
+
+
+@dataclass(frozen=True)
+class ModalityColumns:
+    """Which modality each column of a matrix holds, and the tokens each may have per cell."""
+
+    column: np.ndarray  # (n_cols,) int64 modality index per column, -1 = not used
+    max_tokens: tuple[int, ...]  # per modality: its most expressed features beyond that drop
 
 
 @dataclass(frozen=True)
@@ -164,7 +177,12 @@ class TokenBlock:
 
 
 def tokenize(
-    block: CsrBlock, column_ids: np.ndarray, cfg: TokenConfig, cls_id: int, pad_id: int
+    block: CsrBlock,
+    column_ids: np.ndarray,
+    cfg: TokenConfig,
+    cls_id: int,
+    pad_id: int,
+    modalities: ModalityColumns | None = None,
 ) -> TokenBlock:
     """Token ids, values and padding mask of every cell of `block`.
 
@@ -174,11 +192,17 @@ def tokenize(
             must be distinct (the gene matcher gives a duplicate gene -1).
         cfg: the token config of the model.
         cls_id, pad_id: vocabulary ids of <cls> and <pad>.
+        modalities: for cells measured in several modalities (features side by side), the
+            modality of every column: each modality is normalised, binned and selected on
+            its own per cell, as if it were a cell of its own, and the cell's sequence is
+            <cls>, the tokens of modality 0, of modality 1, ..., with a MODALITY input.
 
     Returns:
         A TokenBlock of shape (n_rows, cfg.max_seq_len). A cell with no matched non-zero gene
         gives <cls> alone and n_genes 0.
     """
+    if modalities is not None:
+        return _tokenize_modalities(block, column_ids, cfg, cls_id, pad_id, modalities)
     column_ids = np.asarray(column_ids, dtype=np.int64)
     if column_ids.shape != (block.n_cols,):
         raise ValueError(f"column_ids has shape {column_ids.shape}, expected ({block.n_cols},)")
@@ -205,6 +229,36 @@ def tokenize(
             out.padding_mask[r0:r1],
             out.n_genes[r0:r1],
         )
+    return out
+
+
+def _tokenize_modalities(
+    block: CsrBlock,
+    column_ids: np.ndarray,
+    cfg: TokenConfig,
+    cls_id: int,
+    pad_id: int,
+    modalities: ModalityColumns,
+) -> TokenBlock:
+    """Each modality tokenized alone (the other columns unused), then joined per cell."""
+    if 1 + sum(modalities.max_tokens) > cfg.max_seq_len:
+        raise ValueError(
+            f"the modalities' tokens {modalities.max_tokens} and <cls> exceed max_seq_len "
+            f"{cfg.max_seq_len}"
+        )
+    specs = input_specs(cfg, cls_id, pad_id, modality=True)
+    out = empty_block(specs, block.n_rows, cfg.max_seq_len, block.start)
+    filled = np.zeros(block.n_rows, dtype=np.int64)  # tokens after <cls> so far, per cell
+    for k, budget in enumerate(modalities.max_tokens):
+        ids = np.where(modalities.column == k, column_ids, -1)
+        part = tokenize(block, ids, replace(cfg, max_seq_len=budget + 1), cls_id, pad_id)
+        rows, cols = np.nonzero(np.arange(budget) < part.n_genes[:, None])
+        at = 1 + filled[rows] + cols
+        for name in INPUT_NAMES:
+            out.inputs[name][rows, at] = part.inputs[name][rows, 1 + cols]
+        out.inputs[MODALITY][rows, at] = k
+        filled += part.n_genes
+    out.n_genes[:] = filled
     return out
 
 

@@ -31,8 +31,9 @@ from safetensors.torch import load_file, save_file
 
 from scgpt_runtime.errors import InputError, OutputError
 from scgpt_runtime.io.atomic import atomic_path, output_errors, writing
+from scgpt_runtime.modalities import Modality
 from scgpt_runtime.tokens import TokenConfig
-from scgpt_runtime.vocab import Vocab
+from scgpt_runtime.vocab import GENE, Vocab
 
 from .model import ModelConfig, ScGPT
 
@@ -55,9 +56,16 @@ class RunInfo:
     train: dict[str, Any] = field(default_factory=dict)  # the resolved training config
     provenance: dict[str, Any] = field(default_factory=dict)
     calibration: dict[str, Any] | None = None  # temperature of the head, fitted on validation
+    modalities: list[Modality] | None = None  # a multi-omics model's, in token order
 
     def to_dict(self) -> dict[str, Any]:
+        extra = (
+            {}
+            if self.modalities is None
+            else {"modalities": [m.to_dict() for m in self.modalities]}
+        )
         return {
+            **extra,
             "format_version": RUN_FORMAT_VERSION,
             "model": self.model.to_dict(),
             "tokens": self.tokens.to_dict(),
@@ -86,13 +94,29 @@ def new_run_dir(run_dir: str | Path, overwrite: bool = False) -> Path:
     return run_dir
 
 
+NAMESPACES_FILE = "vocab.namespaces.json"  # tokens beyond the genes: {namespace: [names]}
+
+
 def save_run(run_dir: str | Path, model: ScGPT, info: RunInfo) -> Path:
-    """Write config.json, vocab.json and model.safetensors into `run_dir`."""
+    """Write config.json, vocab.json and model.safetensors into `run_dir`; the tokens of other
+    namespaces (proteins, peaks), which follow the genes, go to vocab.namespaces.json so
+    that vocab.json keeps the official layout."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_dir / "config.json", info.to_dict())
+    vocab = info.vocab
+    n_genes = vocab.namespaces.count(GENE)
+    if vocab.namespaces[:n_genes] != [GENE] * n_genes:
+        raise ValueError("a run's vocabulary holds its genes first, then other namespaces")
     with atomic_path(run_dir / "vocab.json") as tmp:
-        info.vocab.to_json(tmp)
+        Vocab(vocab.names[:n_genes]).to_json(tmp)
+    if n_genes < len(vocab):
+        others: dict[str, list[str]] = {}
+        for ns, name in zip(vocab.namespaces[n_genes:], vocab.names[n_genes:], strict=True):
+            others.setdefault(ns, []).append(name)
+        if [ns for ns, names in others.items() for _ in names] != vocab.namespaces[n_genes:]:
+            raise ValueError("a run's vocabulary holds each namespace's tokens together")
+        write_json(run_dir / NAMESPACES_FILE, others)
     _save_tensors(run_dir / "model.safetensors", model.state_dict())
     return run_dir
 
@@ -111,12 +135,13 @@ def load_run(run_dir: str | Path, map_location: str = "cpu") -> tuple[ScGPT, Run
         info = RunInfo(
             model=ModelConfig.from_dict(config["model"]),
             tokens=TokenConfig.from_dict(config["tokens"]),
-            vocab=Vocab.from_json(run_dir / "vocab.json"),
+            vocab=_read_vocab(run_dir),
             labels=config.get("labels"),
             batches=config.get("batches"),
             train=config.get("train", {}),
             provenance=config.get("provenance", {}),
             calibration=config.get("calibration"),
+            modalities=_modalities(config),
         )
     except (KeyError, ValueError, TypeError) as e:
         raise InputError(f"{run_dir / 'config.json'}: invalid run config ({e})") from e
@@ -128,6 +153,22 @@ def load_run(run_dir: str | Path, map_location: str = "cpu") -> tuple[ScGPT, Run
     model = ScGPT(info.model)
     model.load_state_dict(_load_tensors(_weights(run_dir, info), map_location))
     return model.eval(), info
+
+
+def _read_vocab(run_dir: Path) -> Vocab:
+    """vocab.json, then the tokens of vocab.namespaces.json (a multi-omics run) after it."""
+    genes = Vocab.from_json(run_dir / "vocab.json")
+    if not (run_dir / NAMESPACES_FILE).is_file():
+        return genes
+    others = read_json(run_dir / NAMESPACES_FILE, what="run directory")
+    names = [n for names in others.values() for n in names]
+    namespaces = [ns for ns, names in others.items() for _ in names]
+    return Vocab(genes.names + names, genes.namespaces + namespaces)
+
+
+def _modalities(config: dict[str, Any]) -> list[Modality] | None:
+    records = config.get("modalities")
+    return None if records is None else [Modality.from_dict(m) for m in records]
 
 
 def _weights(run_dir: Path, info: RunInfo) -> Path:

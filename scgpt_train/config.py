@@ -29,6 +29,7 @@ class ModelConfig:
     n_dsbn: int = 0  # batch labels of domain-specific BatchNorm on the input embeddings
     n_dab: int = 0  # batch labels the discriminator behind gradient reversal predicts (DAB)
     n_mod: int = 0  # modalities of the per-token modality embedding given to the decoders
+    mod_input: bool = False  # the modality embedding also added to the input tokens
     n_pert: int = 0  # values of the per-token perturbation flag added to the input (official 3)
     explicit_zero: bool = False  # extra heads predicting P(value > 0)
     pre_norm_bn: bool = False  # older checkpoints: BatchNorm1d on the summed input embedding
@@ -56,6 +57,8 @@ class ModelConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if len({n for n in (self.n_batch_tokens, self.n_dsbn, self.n_dab) if n}) > 1:
             raise ValueError("batch tokens, DSBN and DAB must know the same number of batches")
+        if self.mod_input and not self.n_mod:
+            raise ValueError("mod_input adds the modality embedding: it needs n_mod modalities")
         if self.n_dsbn and self.pre_norm_bn:
             raise ValueError("DSBN and pre_norm_bn exclude each other (one BatchNorm on the input)")
 

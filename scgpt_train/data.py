@@ -21,8 +21,11 @@ from scgpt_runtime.binning import hash_uniform
 from scgpt_runtime.errors import InputError
 from scgpt_runtime.genes import MIN_GENE_FRACTION, default_gene_column, match_genes
 from scgpt_runtime.io import open_counts
+from scgpt_runtime.io.base import CountMatrix
+from scgpt_runtime.io.multimodal import MultiModalMatrix
+from scgpt_runtime.modalities import namespace_of
 from scgpt_runtime.tokens import TokenBlock, TokenConfig, tokenize
-from scgpt_runtime.vocab import Vocab
+from scgpt_runtime.vocab import GENE, Vocab
 
 STREAM_VALIDATION = 11  # hash stream of the validation split (the runtime uses 1 and 2)
 STREAM_CHUNKS = 12  # hash stream of the chunk and cell permutations
@@ -51,13 +54,24 @@ def build_vocab(paths: list[Path], gene_column: str | None = None) -> Vocab:
     names: dict[str, None] = {}
     for path in paths:
         with open_counts(path) as counts:
-            column = gene_column or default_gene_column(counts.var)
-            if column not in counts.var:
+            var = gene_var(counts)
+            column = gene_column or default_gene_column(var)
+            if column not in var:
                 raise InputError(
-                    f"{path}: has no gene column {column!r} (available: {', '.join(counts.var)})"
+                    f"{path}: has no gene column {column!r} (available: {', '.join(var)})"
                 )
-            names.update(dict.fromkeys(str(n) for n in counts.var[column]))
+            names.update(dict.fromkeys(str(n) for n in var[column]))
     return Vocab.from_genes(names)
+
+
+def gene_var(counts: CountMatrix) -> dict[str, np.ndarray]:
+    """The gene columns of a file: of its gene modality where it has several."""
+    if not isinstance(counts, MultiModalMatrix):
+        return counts.var
+    genes = [p for p in counts.parts if namespace_of(p) == GENE]
+    if not genes:
+        raise InputError(f"{counts.path}: none of its modalities holds genes")
+    return genes[0].counts.var
 
 
 def open_sources(

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from scgpt_runtime.errors import InputError
-from scgpt_runtime.tokens import TokenBlock
+from scgpt_runtime.tokens import MODALITY, TokenBlock
 
 from .checkpoint import RunInfo, load_run
 from .distributed import resolve_device
@@ -37,6 +37,16 @@ def batch_inputs(tokens: TokenBlock, rows: np.ndarray, device: torch.device) -> 
     return [torch.from_numpy(a).to(device) for a in (t.gene_ids, t.values, t.padding_mask)]
 
 
+def batch_modalities(
+    tokens: TokenBlock, rows: np.ndarray, device: torch.device
+) -> torch.Tensor | None:
+    """The modality ids of the cells `rows` (as `batch_inputs` trims them); None for cells of
+    genes only."""
+    if MODALITY not in tokens.inputs:
+        return None
+    return torch.from_numpy(tokens.take(rows, trim=True).inputs[MODALITY]).to(device)
+
+
 def codes_tensor(
     codes: np.ndarray | None, rows: np.ndarray, device: torch.device
 ) -> torch.Tensor | None:
@@ -61,7 +71,9 @@ def run_model(
     out = np.empty((tokens.n_cells, width), dtype=np.float32)
     for rows in _batches_in_order(tokens, batch_size):
         emb = model.cell_embedding(  # only the encoder: no decoder needs batch tokens here
-            *batch_inputs(tokens, rows, device), codes_tensor(batch_codes, rows, device)
+            *batch_inputs(tokens, rows, device),
+            codes_tensor(batch_codes, rows, device),
+            mod_ids=batch_modalities(tokens, rows, device),
         )  # (B, d)
         res = emb if head == "cell_emb" else model.cls_decoder(emb)
         out[rows] = res.float().cpu().numpy()

@@ -233,12 +233,14 @@ class ScGPT(nn.Module):
         values: Tensor,
         batch_labels: Tensor | None = None,
         pert_flags: Tensor | None = None,
+        mod_ids: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """The input embedding of every token (B, L, d) and the gene embeddings (B, L, d).
 
         A token is gene + value. `values` (B, Lv) may be shorter than `gene_ids` (B, L): the
         last L - Lv tokens are gen tokens (generative pretraining), gene + the gen flag, their
-        values unseen. `pert_flags` (B, L) add the perturbation flag embedding. Then the input
+        values unseen. `pert_flags` (B, L) add the perturbation flag embedding, and with
+        mod_input the modality embedding of `mod_ids` (B, L) is added. Then the input
         BatchNorm (old checkpoints) or DSBN (by `batch_labels`)."""
         gene_embs = self.encoder(gene_ids)  # (B, L, d)
         value_embs = self.value_encoder(values)  # (B, Lv, d)
@@ -249,6 +251,8 @@ class ScGPT(nn.Module):
         x = gene_embs + value_embs
         if pert_flags is not None:
             x = x + self.pert_encoder(_required(self.pert_encoder, pert_flags, "n_pert"))
+        if self.cfg.mod_input:
+            x = x + self.mod_encoder(_required(self.mod_encoder, mod_ids, "n_mod"))
         if self.bn is not None:
             x = self.bn(x.transpose(1, 2)).transpose(1, 2)  # BatchNorm over d: (B, d, L)
         if self.dsbn is not None:
@@ -262,10 +266,12 @@ class ScGPT(nn.Module):
         padding_mask: Tensor,
         batch_labels: Tensor | None = None,
         pert_flags: Tensor | None = None,
+        mod_ids: Tensor | None = None,
     ) -> Tensor:
         """Token outputs (B, L, d) for gene_ids (B, L) int64, values (B, L) float,
-        padding_mask (B, L) bool (True = pad); batch_labels (B,) only for DSBN."""
-        x, _ = self.embed_inputs(gene_ids, values, batch_labels, pert_flags=pert_flags)
+        padding_mask (B, L) bool (True = pad); batch_labels (B,) only for DSBN; mod_ids (B, L)
+        only with mod_input."""
+        x, _ = self.embed_inputs(gene_ids, values, batch_labels, pert_flags, mod_ids)
         return self.transformer_encoder(x, attn_bias(padding_attn_mask(padding_mask), x.dtype))
 
     def cell_embedding(
@@ -274,9 +280,10 @@ class ScGPT(nn.Module):
         values: Tensor,
         padding_mask: Tensor,
         batch_labels: Tensor | None = None,
+        mod_ids: Tensor | None = None,
     ) -> Tensor:
         """The raw <cls> output (B, d); the official zero-shot API L2-normalises it afterwards."""
-        return self.encode(gene_ids, values, padding_mask, batch_labels)[:, 0]
+        return self.encode(gene_ids, values, padding_mask, batch_labels, mod_ids=mod_ids)[:, 0]
 
     def _heads(
         self,
@@ -327,7 +334,7 @@ class ScGPT(nn.Module):
         official "zero_probs" are their sigmoid); with n_cls, "cls_output" (B, n_cls) logits;
         with n_dab, "dab_output" (B, n_dab) logits.
         """
-        x, gene_embs = self.embed_inputs(gene_ids, values, batch_labels, pert_flags=pert_flags)
+        x, gene_embs = self.embed_inputs(gene_ids, values, batch_labels, pert_flags, mod_ids)
         out = self.transformer_encoder(x, attn_bias(padding_attn_mask(padding_mask), x.dtype))
         return self._heads(out, gene_embs, batch_labels, mod_ids)
 

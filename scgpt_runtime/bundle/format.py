@@ -1,7 +1,8 @@
 """What a bundle is: its files, its parts as loaded, and the encodings of its safetensors files.
 
-Specified in docs/bundle-format.md; read.py reads it (versions 1 and 2), write.py writes it
-(version 2). No other code of the project knows the layout.
+Specified in docs/bundle-format.md; read.py reads it (versions 1 to 3), write.py writes it
+(version 3 for a multi-omics model, which older runtimes must refuse; else version 2). No
+other code of the project knows the layout.
 """
 
 from __future__ import annotations
@@ -17,12 +18,14 @@ from typing import Any
 import numpy as np
 
 from ..errors import BundleError
+from ..modalities import Modality
 from ..tokens import InputSpec, TokenConfig
 from ..vocab import Vocab
 
 FORMAT = "scgpt-bundle"
-FORMAT_VERSION = 2  # what write_bundle writes
-READ_VERSIONS = (1, 2)  # what load_bundle reads
+FORMAT_VERSION = 2  # what write_bundle writes for a model of one modality (genes)
+MODALITIES_VERSION = 3  # and for a model of several (section 12 of the spec)
+READ_VERSIONS = (1, 2, 3)  # what load_bundle reads
 CONFIG_FILE = "config.json"
 VOCAB_FILE = "vocab.safetensors"
 GENES_FILE = "genes.safetensors"  # the gene embeddings; optional, older bundles lack it
@@ -70,6 +73,7 @@ class Bundle:
     graphs: dict[str, Graphs]  # graph kind -> its graphs
     parameters: int | None  # parameters of the served model, counted at export (v2)
     gene_embeddings_file: Path | None  # None: exported before bundles carried them
+    modalities: list[Modality] | None = None  # a multi-omics model's, in token order (v3)
 
     @property
     def sha256(self) -> str:

@@ -1,4 +1,4 @@
-"""Reading a bundle: format versions 1 and 2, every checksum, then its parts.
+"""Reading a bundle: format versions 1 to 3, every checksum, then its parts.
 
 A version 1 config is first rewritten in memory into the version 2 shape (its graphs become
 the "embed" kind, its inputs get their pad and <cls> values from the preprocessing), so one
@@ -17,6 +17,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file
 
 from ..errors import BundleError
+from ..modalities import Modality
 from ..tokens import InputSpec, TokenConfig, input_specs
 from ..vocab import CLS, PAD, Vocab
 from .format import (
@@ -24,6 +25,7 @@ from .format import (
     EMBED,
     FORMAT,
     GENE_EMBEDDINGS,
+    MODALITIES_VERSION,
     PRECISIONS,
     READ_VERSIONS,
     Bundle,
@@ -133,7 +135,9 @@ def _bundle(path: Path, config: dict[str, Any]) -> Bundle:
         raise ValueError(f"{len(labels or [])} labels but model n_cls differs")
     if bool(pre["gene_panel"]) != (gene_panel is not None):
         raise ValueError(f"gene_panel is {pre['gene_panel']} but the vocabulary file disagrees")
-    inputs = _inputs(config["inputs"], input_specs(tokens, vocab.cls_id, vocab.pad_id))
+    modalities = _modalities(config, vocab, tokens)
+    made = input_specs(tokens, vocab.cls_id, vocab.pad_id, modality=modalities is not None)
+    inputs = _inputs(config["inputs"], made)
     graphs = {kind: _graphs(path, kind, g, files) for kind, g in config["graphs"].items()}
     if EMBED not in graphs:
         raise ValueError(f"a bundle needs {EMBED!r} graphs")
@@ -145,8 +149,33 @@ def _bundle(path: Path, config: dict[str, Any]) -> Bundle:
             raise ValueError("calibration needs a cell-type head and a positive temperature")
     genes = _genes_file(path, config)
     return Bundle(
-        path, config, tokens, vocab, labels, gene_panel, inputs, graphs, parameters, genes
+        path,
+        config,
+        tokens,
+        vocab,
+        labels,
+        gene_panel,
+        inputs,
+        graphs,
+        parameters,
+        genes,
+        modalities,
     )
+
+
+def _modalities(config: dict[str, Any], vocab: Vocab, tokens: TokenConfig) -> list[Modality] | None:
+    """A multi-omics bundle's modalities (version 3), checked against the vocabulary and the
+    sequence length; None for a bundle of genes only."""
+    if config["format_version"] < MODALITIES_VERSION:
+        return None
+    modalities = [Modality.from_dict(m) for m in config["modalities"]]
+    if not modalities or len({m.name for m in modalities}) < len(modalities):
+        raise ValueError("modalities must be a non-empty list of distinct names")
+    if missing := [m.namespace for m in modalities if m.namespace not in vocab.namespace_names]:
+        raise ValueError(f"modality namespaces {missing} have no tokens in the vocabulary")
+    if 1 + sum(m.max_tokens for m in modalities) != tokens.max_seq_len:
+        raise ValueError("<cls> and the modalities' max_tokens must add up to max_seq_len")
+    return modalities
 
 
 def _genes_file(path: Path, config: dict[str, Any]) -> Path | None:

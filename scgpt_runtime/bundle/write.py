@@ -18,6 +18,7 @@ from safetensors.numpy import save_file
 
 from ..errors import OutputError
 from ..io.atomic import atomic_dir, atomic_path, exchange, new_file_mode, output_errors, writing
+from ..modalities import Modality
 from ..tokens import TokenConfig, input_specs
 from ..vocab import GENE, Vocab
 from .format import (
@@ -32,6 +33,7 @@ from .format import (
     GENE_EMBEDDING_DESCRIPTION,
     GENE_EMBEDDINGS,
     GENES_FILE,
+    MODALITIES_VERSION,
     VOCAB_FILE,
     Variant,
     encode_strings,
@@ -77,6 +79,7 @@ def write_bundle(
     validation: Mapping[str, Any] | None = None,
     provenance: Mapping[str, Any] | None = None,
     gene_embeddings: np.ndarray | None = None,
+    modalities: Sequence[Modality] | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Write a bundle directory at `out`; the variants' ONNX files are moved into it (the
@@ -92,12 +95,16 @@ def write_bundle(
             applied by the runtime to class_probs. validation, provenance: stored as they are.
         gene_embeddings: (len(vocab), d_model), row i the gene encoder output of id i, stored
             as float32 in genes.safetensors (None: a bundle without them).
+        modalities: a multi-omics model's, in token order (format version 3); the graphs
+            take a MODALITY input where model["mod_input"].
     Returns the bundle path. Raises OutputError where `out` exists (see check_target).
     """
     out = check_target(out, overwrite)
     config = _config(
         model, parameters, tokens, vocab, variants, labels, gene_panel, validation, provenance
     )
+    if modalities is not None:
+        config = _with_modalities(config, model, modalities, tokens, vocab)
     if calibration is not None:
         if not labels or not calibration.get("temperature", 0) > 0:
             raise ValueError("a calibration needs a cell-type head and a positive temperature")
@@ -108,6 +115,25 @@ def write_bundle(
     with writing():
         _write_files(out, config, vocab, labels, gene_panel, variants, gene_embeddings)
     return out
+
+
+def _with_modalities(
+    config: dict, model: Mapping[str, Any], modalities: Sequence[Modality], tokens, vocab
+) -> dict:
+    """The config of a multi-omics bundle: version 3, its modalities, the MODALITY input where
+    the graphs take it."""
+    if 1 + sum(m.max_tokens for m in modalities) != tokens.max_seq_len:
+        raise ValueError("<cls> and the modalities' max_tokens must add up to max_seq_len")
+    if missing := [m.namespace for m in modalities if m.namespace not in vocab.namespace_names]:
+        raise ValueError(f"modality namespaces {missing} have no tokens in the vocabulary")
+    specs = input_specs(tokens, vocab.cls_id, vocab.pad_id, modality=True)
+    specs = specs if model.get("mod_input") else specs[:-1]
+    return {
+        **config,
+        "format_version": MODALITIES_VERSION,
+        "modalities": [m.to_dict() for m in modalities],
+        "inputs": [{**s.to_dict(), "shape": ["batch", "max_seq_len"]} for s in specs],
+    }
 
 
 def _checked_embeddings(x: np.ndarray, n_tokens: int, d_model: int) -> np.ndarray:

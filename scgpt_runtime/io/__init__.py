@@ -1,7 +1,9 @@
-"""Readers for single-cell count files: .h5ad (anndata 0.6 to 0.12) and 10x Genomics HDF5."""
+"""Readers for single-cell count files: .h5ad (anndata 0.6 to 0.12), MuData .h5mu and 10x
+Genomics HDF5."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import h5py
@@ -18,17 +20,20 @@ def open_counts(
     layer: str | None = None,
     use_raw: bool = True,
     genome: str | None = None,
+    modalities: Sequence[str] | None = None,
 ) -> CountMatrix:
-    """Open a .h5ad or 10x .h5 file for streaming its counts.
+    """Open a .h5ad, .h5mu or 10x .h5 file for streaming its counts.
 
     Counts come from `raw/X` when present, else `X`; `layer` names a layer instead and
     `use_raw=False` skips raw. `genome` picks one genome group of a multi-genome 10x v2 file.
+    A .h5mu file opens as a MultiModalMatrix of `modalities` (default: all); a 10x file does
+    with `modalities` given (its feature types: rna, adt, atac, ...), else its gene expression.
     """
     path = Path(path)
     h5 = _open_hdf5(path)
     try:
         with damaged(path, "its layout"):
-            counts = _reader(path, h5, layer, use_raw, genome)
+            counts = _reader(path, h5, layer, use_raw, genome, modalities)
     except BaseException:
         h5.close()
         raise
@@ -39,14 +44,34 @@ def open_counts(
 
 
 def _reader(
-    path: Path, h5: h5py.File, layer: str | None, use_raw: bool, genome: str | None
+    path: Path,
+    h5: h5py.File,
+    layer: str | None,
+    use_raw: bool,
+    genome: str | None,
+    modalities: Sequence[str] | None,
 ) -> CountMatrix:
+    from .h5mu import is_mudata, read_mudata
+
+    if is_mudata(h5):
+        if genome is not None:
+            raise InputError(f"{path}: is a MuData file; --genome applies to 10x files only")
+        return read_mudata(path, h5, modalities=modalities, layer=layer, use_raw=use_raw)
     if _is_10x(h5):
         if layer is not None:
             raise InputError(f"{path}: is a 10x file, which has no layers (drop --layer)")
-        from .tenx import TenxMatrix
+        from .tenx import TenxMatrix, feature_types
 
-        return TenxMatrix(path, h5, genome=genome)
+        if modalities is None:
+            return TenxMatrix(path, h5, genome=genome)
+        from .multimodal import by_feature_type
+
+        def open_type(t: str) -> TenxMatrix:
+            return TenxMatrix(path, h5, genome=genome, feature_type=t)
+
+        return by_feature_type(path, open_type, feature_types(path, h5), modalities)
+    if modalities is not None:
+        raise InputError(f"{path}: holds one modality; --modalities applies to .h5mu and 10x files")
     if _is_h5ad(h5):
         if genome is not None:
             raise InputError(f"{path}: is an h5ad file; --genome applies to 10x files only")

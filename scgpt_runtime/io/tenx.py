@@ -101,6 +101,15 @@ class TenxMatrix(CountMatrix):
             yield CsrBlock(data, indices, indptr, self.n_genes, lo)
 
 
+def feature_types(path: Path, h5: h5py.File) -> list[str]:
+    """The feature types of a 10x file, in order of first appearance (v2: gene expression)."""
+    if "matrix" not in h5:
+        return ["Gene Expression"]
+    features = _features_group(path, h5["matrix"])
+    n = len(features["id"])
+    return list(dict.fromkeys(_strings(path, features, "feature_type", n).tolist()))
+
+
 def _sort_rows(
     data: np.ndarray, indices: np.ndarray, indptr: np.ndarray, n_cols: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -17,22 +17,26 @@ from scgpt_runtime.errors import InputError
 
 from ..model import PRESETS
 
-DATA_SUFFIXES = (".h5ad", ".h5")
+DATA_SUFFIXES = (".h5ad", ".h5", ".h5mu")
+MTX_FILES = ("matrix.mtx.gz", "matrix.mtx")  # a folder holding one is a 10x mtx data set
 
 
 def expand_data(values: tuple[str, ...]) -> list[str]:
-    """Files, folders (their .h5ad and .h5 files) and quoted glob patterns, in order."""
+    """Files, folders (their .h5ad, .h5 and .h5mu files; a 10x mtx folder is one data set)
+    and quoted glob patterns, in order."""
     files: list[str] = []
     for value in values:
         path = Path(value)
-        if path.is_dir():
+        if path.is_dir() and any((path / m).is_file() for m in MTX_FILES):
+            found = [path]
+        elif path.is_dir():
             found = sorted(p for p in path.iterdir() if p.suffix in DATA_SUFFIXES)
         elif any(c in value for c in "*?["):
             found = sorted(Path(p) for p in glob.glob(value))  # noqa: PTH207 (absolute patterns)
         else:
             found = [path]
         if not found:
-            raise InputError(f"{value}: no .h5ad or .h5 file there")
+            raise InputError(f"{value}: no .h5ad, .h5 or .h5mu file there")
         files += [str(p) for p in found]
     return files
 

@@ -1,5 +1,5 @@
-"""`scgpt-train finetune annotate` and `finetune integrate`: a cell-type head, or batch
-integration, trained from a run or from scratch."""
+"""`scgpt-train finetune annotate`, `integrate` and `multiomic`: a cell-type head, batch
+integration, or a model of several modalities, trained from a run or from scratch."""
 
 from __future__ import annotations
 
@@ -11,12 +11,13 @@ from scgpt_runtime.cli.common import EXIT_CODES
 
 from ..finetune import CLASS_WEIGHTS, FREEZE, AnnotateConfig, finetune_annotate
 from ..integrate import IntegrateConfig, finetune_integrate
+from ..multiomic import MultiomicConfig, finetune_multiomic
 from .common import echo_summary, finetune_config, option, start_options
 
 
 @click.group(epilog=EXIT_CODES)
 def finetune() -> None:
-    """Fine-tune a run for cell-type annotation or batch integration."""
+    """Fine-tune a run for cell-type annotation, batch integration or multi-omics."""
 
 
 @finetune.command(
@@ -126,6 +127,71 @@ def integrate(
     """
     cfg = finetune_config(IntegrateConfig, ctx, data, config_file, **options)
     summary = finetune_integrate(cfg)
+    echo_summary(
+        summary, as_json, f"{cfg.out}: {summary['epoch']} epochs, loss {summary.get('loss')}"
+    )
+
+
+def _modality_list(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str, ...]:
+    names = tuple(v.strip() for v in value.split(",") if v.strip())
+    if len(names) < 2:
+        raise click.BadParameter("name at least two modalities, e.g. rna,adt")
+    return names
+
+
+@finetune.command(
+    epilog="""\b
+Examples:
+  scgpt-train finetune multiomic --from runs/pre --data cite.h5mu --modalities rna,adt \\
+      --out runs/cite
+  scgpt-train finetune multiomic --from runs/pre --data pbmc_10k_protein.h5 \\
+      --modalities rna,adt --out runs/pbmc-cite --json
+  scgpt-train finetune multiomic --from runs/pre --data multiome.h5mu --modalities rna,atac \\
+      --batch-key sample --out runs/multiome"""
+)
+@start_options(MultiomicConfig)
+@click.option(
+    "--modalities",
+    required=True,
+    callback=_modality_list,
+    help="The file's modalities to model, comma-separated: one of genes (rna), and proteins "
+    "(adt, prot) or peaks (atac). A 10x file's are its feature types: rna, adt, atac.",
+)
+@click.option("--batch-key", help="obs column with batches: adds DAB and batch tokens.")
+@option(MultiomicConfig, "mask_ratio", type=float)
+@option(MultiomicConfig, "gep_weight", type=float)
+@option(MultiomicConfig, "gepc_weight", type=float)
+@option(
+    MultiomicConfig,
+    "dab_weight",
+    type=float,
+    help="Batch discriminator behind gradient reversal, with --batch-key (0 = off).",
+)
+@option(
+    MultiomicConfig,
+    "mod_input",
+    "--mod-input/--no-mod-input",
+    help="Also add the modality embedding to the input tokens (default: decoders only, as "
+    "official).",
+)
+@click.pass_context
+def multiomic(
+    ctx: click.Context,
+    data: tuple[str, ...],
+    config_file: str | None,
+    as_json: bool,
+    **options: Any,
+) -> None:
+    """Fine-tune a model of RNA with proteins (CITE-seq) or chromatin peaks (Multiome).
+
+    Reads a .h5mu file (or a 10x .h5 / mtx folder with several feature types). Every
+    modality's features are tokens of their own namespace, binned per modality per cell;
+    a modality embedding joins the decoders; GEP + GEPC on masked values (ratio 0.4), and DAB
+    with --batch-key. Gene embeddings come from --from; protein and peak embeddings start
+    fresh. No labels are used. Export the run and embed with `scgpt-run embed FILE.h5mu`.
+    """
+    cfg = finetune_config(MultiomicConfig, ctx, data, config_file, **options)
+    summary = finetune_multiomic(cfg)
     echo_summary(
         summary, as_json, f"{cfg.out}: {summary['epoch']} epochs, loss {summary.get('loss')}"
     )

@@ -324,7 +324,7 @@ def _damage(bundle: Path, tmp_path: Path, case: str) -> Path:
         graph.write_bytes(bytes(data))
     elif case == "version mismatch":
         config = json.loads((copy / "config.json").read_text())
-        config["format_version"] = 3
+        config["format_version"] = 4
         (copy / "config.json").write_text(json.dumps(config))
     return copy
 
@@ -352,7 +352,10 @@ BAD = {
     "no matched gene": (4, "match the model vocabulary"),
     "missing bundle": (5, "no such directory"),
     "damaged bundle": (5, "checksum mismatch"),
-    "version mismatch": (5, "bundle format version 3 is not supported (this runtime reads 1, 2)"),
+    "version mismatch": (
+        5,
+        "bundle format version 4 is not supported (this runtime reads 1, 2, 3)",
+    ),
     "output exists": (6, "exists; pass --overwrite"),
     "unwritable folder": (6, "cannot write in"),
     "missing folder": (6, "does not exist"),

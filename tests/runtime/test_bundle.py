@@ -166,11 +166,12 @@ def test_tampered_vocabulary_fails_the_checksum(tmp_path):
 
 def test_unknown_format_version_is_refused(tmp_path):
     out = make(tmp_path)
-    edit_config(out, lambda c: c.update(format_version=3))
+    edit_config(out, lambda c: c.update(format_version=4))
     with pytest.raises(BundleError) as e:
         load_bundle(out)
     assert (
-        str(e.value) == f"{out}: bundle format version 3 is not supported (this runtime reads 1, 2)"
+        str(e.value)
+        == f"{out}: bundle format version 4 is not supported (this runtime reads 1, 2, 3)"
     )
 
 
