@@ -13,6 +13,7 @@ from .bundle import load_bundle
 from .errors import InputError
 from .genes import default_gene_column
 from .io import open_counts
+from .io.multimodal import MultiModalMatrix
 from .io.probe import probe
 
 log = logging.getLogger(__name__)
@@ -33,12 +34,16 @@ def inspect(
     """Describe a .h5ad or 10x .h5 file in one streaming pass over its counts.
 
     Returns the keys format, matrix, n_cells, n_genes, nnz, total_counts, integer_counts,
-    gene_column and obs_columns. `progress(n, total)` is called after each block of n cells.
+    gene_column and obs_columns; for a file of several modalities (.h5mu) also "modalities":
+    per modality its matrix, what it holds, features, cells measured and non-zeros.
+    `progress(n, total)` is called after each block of n cells.
     """
     probe(path)
     with open_counts(path, layer=layer, use_raw=use_raw, genome=genome) as counts:
         nnz, total, integer = 0, 0.0, True
+        per_column = np.zeros(counts.n_genes, dtype=np.int64)
         for block in counts.iter_blocks(block_size):
+            per_column += np.bincount(block.indices[block.data != 0], minlength=counts.n_genes)
             nnz += int(np.count_nonzero(block.data))
             total += float(block.data.sum(dtype=np.float64))
             integer = integer and bool(np.all(block.data == np.round(block.data)))
@@ -56,6 +61,9 @@ def inspect(
                 counts.path,
                 counts.matrix,
             )
+        extra = {}
+        if isinstance(counts, MultiModalMatrix):
+            extra["modalities"] = _modalities(counts, per_column)
         return {
             "format": counts.format,
             "matrix": counts.matrix,
@@ -66,7 +74,25 @@ def inspect(
             "integer_counts": integer,
             "gene_column": gene_column or default_gene_column(counts.var),
             "obs_columns": counts.obs_columns[:N_OBS_COLUMNS],
+            **extra,
         }
+
+
+def _modalities(counts: MultiModalMatrix, per_column: np.ndarray) -> list[dict]:
+    from .modalities import namespace_of
+
+    return [
+        {
+            "name": p.name,
+            "holds": namespace_of(p) or "unknown",
+            "matrix": p.counts.matrix,
+            "n_features": p.counts.n_genes,
+            "n_cells": p.n_present,
+            "nnz": int(per_column[p.columns].sum()),
+            "examples": [str(n) for n in p.counts.var["index"][:3]],
+        }
+        for p in counts.parts
+    ]
 
 
 def bundle_info(path: str | Path, *, verify: bool = True) -> dict:

@@ -66,12 +66,19 @@ def build_vocab(paths: list[Path], gene_column: str | None = None) -> Vocab:
 
 def gene_var(counts: CountMatrix) -> dict[str, np.ndarray]:
     """The gene columns of a file: of its gene modality where it has several."""
-    if not isinstance(counts, MultiModalMatrix):
-        return counts.var
+    return counts.var if not isinstance(counts, MultiModalMatrix) else _gene_part(counts).counts.var
+
+
+def _gene_columns(counts: CountMatrix) -> slice:
+    """The columns of a file's genes: all, or its gene modality's."""
+    return slice(None) if not isinstance(counts, MultiModalMatrix) else _gene_part(counts).columns
+
+
+def _gene_part(counts: MultiModalMatrix):
     genes = [p for p in counts.parts if namespace_of(p) == GENE]
     if not genes:
         raise InputError(f"{counts.path}: none of its modalities holds genes")
-    return genes[0].counts.var
+    return genes[0]
 
 
 def open_sources(
@@ -85,13 +92,15 @@ def open_sources(
     for path in paths:
         with open_counts(path) as counts:
             match = match_genes(
-                counts.var,
+                gene_var(counts),
                 vocab,
                 gene_column=gene_column,
                 min_fraction=min_fraction,
                 source=str(path),
             )
-            sources.append(Source(Path(path), match.column_ids, counts.n_cells))
+            column_ids = np.full(counts.n_genes, -1, dtype=np.int64)
+            column_ids[_gene_columns(counts)] = match.column_ids  # other modalities unused
+            sources.append(Source(Path(path), column_ids, counts.n_cells))
     return sources
 
 

@@ -85,6 +85,7 @@ def info(bundle: str | None, as_json: bool) -> None:
 Examples:
   scgpt-run inspect pbmc.h5ad
   scgpt-run inspect filtered_feature_bc_matrix.h5 --json
+  scgpt-run inspect cite.h5mu
   scgpt-run inspect pbmc.h5ad --layer counts --gene-column gene_symbols
   scgpt-run inspect pbmc.h5ad --model bundles/pbmc"""
 )
@@ -107,9 +108,11 @@ def inspect(
     min_gene_fraction: float,
     as_json: bool,
 ) -> None:
-    """Describe FILE (.h5ad or 10x .h5): format, matrix read, size, counts, gene column.
+    """Describe FILE (.h5ad, .h5mu or 10x .h5): format, matrix read, size, counts, gene column.
 
-    Counts come from raw/X when present, else X; --layer and --no-raw choose otherwise.
+    Counts come from raw/X when present, else X; --layer and --no-raw choose otherwise. A
+    .h5mu file is described modality by modality: what it holds (genes, proteins, peaks),
+    its features, the cells it measured and its non-zeros.
     With --model, also how the genes match that bundle's vocabulary (gene_match); fewer than
     --min-gene-fraction matching is an error (exit 4), as it would be for annotate and embed.
     """
@@ -138,6 +141,15 @@ def inspect(
     for key, value in report.items():
         if key == "obs_columns":
             value = ", ".join(value) or "(none)"
+        if key == "modalities":
+            click.echo("modalities:")
+            for m in value:
+                click.echo(
+                    f"  {m['name'] + ':':14}{m['holds']}, {m['n_features']:,} features, "
+                    f"{m['n_cells']:,} cells, {m['nnz']:,} non-zeros ({m['matrix']}; e.g. "
+                    f"{', '.join(m['examples'])})"
+                )
+            continue
         if key == "gene_match":
             click.echo("gene_match:")
             for sub, v in value.items():

@@ -61,6 +61,7 @@ def read_mudata(
     opened = []
     for name in names:
         counts = H5adMatrix(path, mods[name], layer=layer, use_raw=use_raw)
+        counts.matrix = f"mod/{name}/{counts.matrix}"
         if counts.n_cells == 0:
             raise InputError(f"{path}: modality {name} holds no cells")
         opened.append((name, counts))

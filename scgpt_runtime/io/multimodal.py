@@ -63,7 +63,7 @@ class MultiModalMatrix(CountMatrix):
             offset += counts.n_genes
         self.n_cells = len(parts[0][2])
         self.n_genes = offset
-        self.matrix = " + ".join(f"{p.name}:{p.counts.matrix}" for p in self.parts)
+        self.matrix = " + ".join(p.counts.matrix for p in self.parts)
         self.var = {
             "index": np.concatenate([p.counts.var["index"] for p in self.parts]),
             "modality": np.concatenate(
