@@ -13,7 +13,7 @@ from .bundle import load_bundle
 from .errors import InputError
 from .genes import default_gene_column
 from .io import open_counts
-from .io.multimodal import MultiModalMatrix
+from .io.multimodal import MultiModalMatrix, feature_index
 from .io.probe import probe
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ def _modalities(counts: MultiModalMatrix, per_column: np.ndarray) -> list[dict]:
             "n_features": p.counts.n_genes,
             "n_cells": p.n_present,
             "nnz": int(per_column[p.columns].sum()),
-            "examples": [str(n) for n in p.counts.var["index"][:3]],
+            "examples": [str(n) for n in feature_index(p.counts.var)[:3]],
         }
         for p in counts.parts
     ]

@@ -19,7 +19,7 @@ import numpy as np
 
 from .errors import InputError
 from .genes import GeneMatch, match_genes
-from .io.multimodal import ModalityPart, MultiModalMatrix
+from .io.multimodal import ModalityPart, MultiModalMatrix, feature_index
 from .tokens import ModalityColumns
 from .vocab import GENE, Vocab
 
@@ -73,7 +73,7 @@ def feature_names(part: ModalityPart, namespace: str) -> dict[str, np.ndarray]:
     (proteins without a TotalSeq product suffix)."""
     if namespace == GENE:
         return part.counts.var
-    names = part.counts.var["index"]
+    names = feature_index(part.counts.var)
     if namespace == PROTEIN:
         names = np.array([_ANTIBODY_SUFFIX.sub("", str(n)) for n in names], dtype=object)
     return {"index": names}

@@ -24,6 +24,11 @@ from .base import CountMatrix, damaged
 FEATURE_TYPES = {"Gene Expression": "rna", "Antibody Capture": "adt", "Peaks": "atac"}
 
 
+def feature_index(var: dict[str, np.ndarray]) -> np.ndarray:
+    """A modality's feature names: the var index of an AnnData, the names of a 10x file."""
+    return var["index"] if "index" in var else var.get("name", next(iter(var.values())))
+
+
 @dataclass(frozen=True)
 class ModalityPart:
     """One modality: its counts, and where each of the file's cells is in it."""
@@ -65,7 +70,7 @@ class MultiModalMatrix(CountMatrix):
         self.n_genes = offset
         self.matrix = " + ".join(p.counts.matrix for p in self.parts)
         self.var = {
-            "index": np.concatenate([p.counts.var["index"] for p in self.parts]),
+            "index": np.concatenate([feature_index(p.counts.var) for p in self.parts]),
             "modality": np.concatenate(
                 [np.full(p.counts.n_genes, p.name, dtype=object) for p in self.parts]
             ),

@@ -355,3 +355,17 @@ def test_real_malformed_files_are_refused(shared_data: Path, name: str):
     path = shared_data / "formats/10x" / name
     with pytest.raises(InputError, match=rf"^{path}: {MALFORMED[name]}"):
         open_counts(path)
+
+
+def test_v3_feature_types_open_as_modalities(tmp_path: Path):
+    types = ["Gene Expression", "Antibody Capture"] * 4 + ["Gene Expression"]
+    x = _counts(8, 9, density=0.6)
+    path = write_v3(tmp_path / "mixed.h5", x, types)
+    genes = np.array([t == "Gene Expression" for t in types])
+    with open_counts(path, modalities=["adt", "rna"]) as m:
+        assert m.modalities == ["adt", "rna"]  # in the order asked for
+        assert m.part("adt").counts.var["feature_type"].tolist() == ["Antibody Capture"] * 4
+        joint = np.vstack([b.to_dense() for b in m.iter_blocks(3)])
+        np.testing.assert_array_equal(joint, np.hstack([x[:, ~genes], x[:, genes]]))
+    with pytest.raises(InputError, match=r"has no modality 'atac' \(feature types: Gene Exp"):
+        open_counts(path, modalities=["atac"])
