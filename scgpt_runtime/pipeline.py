@@ -402,7 +402,14 @@ def build_reference(
         match = match_bundle_genes(counts, bundle, gene_column, min_gene_fraction)
         load = {"device": device, "precision": precision, "threads": threads}
         with Model.load(bundle, **load, batch_size=batch_size, verbose=verbose) as served:
-            result = run(served, counts, match.column_ids, block_size=block_size, progress=progress)
+            result = run(
+                served,
+                counts,
+                match.column_ids,
+                block_size=block_size,
+                progress=progress,
+                modalities=engine.token_modalities(bundle, match),
+            )
             rows = np.flatnonzero(keep)
             ref = reference_files.build(
                 result.embedding[rows],

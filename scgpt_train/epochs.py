@@ -1,12 +1,12 @@
-"""What the epoch-based fine-tunings (annotate, integrate, perturb) share: the official per-epoch
-learning-rate decay, one optimizer step, the epoch's metrics row, and the best epoch kept with
-early stopping."""
+"""What the epoch-based fine-tunings (annotate, integrate, perturb, multiomic) share: the
+official per-epoch learning-rate decay, one optimizer step, the epoch's metrics row, the loop
+of the label-free objectives, and the best epoch kept with early stopping."""
 
 from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -47,6 +47,45 @@ def epoch_row(
         "loss": round(float(np.mean(losses)), 6),
         "lr": round(optimizer.param_groups[0]["lr"], 8),
     }
+
+
+def objective_epochs(
+    model: ScGPT,
+    optimizer: torch.optim.Optimizer,
+    cfg: Any,
+    metrics: Any,
+    batches: Callable[[np.random.Generator], list[np.ndarray]],
+    losses: Callable[[np.ndarray, torch.Generator], dict[str, torch.Tensor]],
+) -> dict[str, Any]:
+    """`cfg.epochs` epochs of minimising `losses(rows, gen)["loss"]` over the minibatches
+    `batches(rng)` of each epoch (seeded by cfg.seed and the epoch; each step's masking
+    generator and dropout by the step); every epoch's mean of each loss part goes to `metrics`.
+    Returns the last epoch's row."""
+    from .pretrain import step_seed  # pretrain imports this module
+
+    step, last = 0, {}
+    for epoch in range(1, cfg.epochs + 1):
+        set_epoch_lr(optimizer, cfg.lr, cfg.lr_decay, epoch)
+        model.train()
+        sums: dict[str, float] = {}
+        n = 0
+        for rows in batches(np.random.default_rng(step_seed(cfg.seed, epoch))):
+            gen = torch.Generator().manual_seed(step_seed(cfg.seed, epoch, step))
+            torch.manual_seed(step_seed(cfg.seed, epoch, step, 1))  # dropout
+            parts = losses(rows, gen)
+            optimizer_step(parts["loss"], model.parameters(), optimizer, cfg.grad_clip)
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + v.item()
+            n, step = n + 1, step + 1
+        last = {
+            "epoch": epoch,
+            "step": step,
+            "lr": round(optimizer.param_groups[0]["lr"], 8),
+            **{k: round(v / max(n, 1), 6) for k, v in sums.items()},
+        }
+        metrics.write(last)
+        log.info("epoch %d/%d %s", epoch, cfg.epochs, last)
+    return last
 
 
 class BestEpoch:

@@ -26,11 +26,11 @@ from scgpt_runtime.errors import InputError
 from .cells import MISSING, codes_of, load_cells, minibatches
 from .checkpoint import MetricsLog, RunInfo, new_run_dir, save_run, write_json
 from .distributed import resolve_device
-from .epochs import optimizer_step, set_epoch_lr
+from .epochs import objective_epochs
 from .inference import batch_inputs, codes_tensor
 from .model import ScGPT
 from .objectives import cross_entropy, ecs_loss, masked_mse
-from .pretrain import MASK_VALUE, step_seed
+from .pretrain import MASK_VALUE
 from .start import build_model, check_start, run_provenance, start_from
 
 log = logging.getLogger(__name__)
@@ -152,39 +152,19 @@ def finetune_integrate(cfg: IntegrateConfig) -> dict[str, Any]:
     model, report = build_model(start, heads, labels, batch_names, cfg.seed)
     model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    step, last = 0, {}
+    groups = batch_codes[rows] if cfg.dsbn else None
+
+    def batches(rng: np.random.Generator) -> list[np.ndarray]:
+        # ECS needs pairs; BatchNorm statistics need more than one cell
+        return [b for b in minibatches(rows, cfg.batch_size, rng, groups) if len(b) >= 2]
+
+    def losses(batch: np.ndarray, gen: torch.Generator) -> dict[str, torch.Tensor]:
+        inputs = batch_inputs(cells.tokens, batch, device)
+        codes = codes_tensor(batch_codes, batch, device)
+        return integration_losses(model, *inputs, codes, cfg, gen)
+
     with MetricsLog(out) as metrics:
-        for epoch in range(1, cfg.epochs + 1):
-            set_epoch_lr(optimizer, cfg.lr, cfg.lr_decay, epoch)
-            model.train()
-            rng = np.random.default_rng(step_seed(cfg.seed, epoch))
-            groups = batch_codes[rows] if cfg.dsbn else None
-            sums: dict[str, float] = {}
-            n = 0
-            for batch in minibatches(rows, cfg.batch_size, rng, groups):
-                if len(batch) < 2:
-                    continue  # ECS needs pairs; BatchNorm statistics need more than one cell
-                gen = torch.Generator().manual_seed(step_seed(cfg.seed, epoch, step))
-                torch.manual_seed(step_seed(cfg.seed, epoch, step, 1))  # dropout
-                parts = integration_losses(
-                    model,
-                    *batch_inputs(cells.tokens, batch, device),
-                    codes_tensor(batch_codes, batch, device),
-                    cfg,
-                    gen,
-                )
-                optimizer_step(parts["loss"], model.parameters(), optimizer, cfg.grad_clip)
-                for k, v in parts.items():
-                    sums[k] = sums.get(k, 0.0) + v.item()
-                n, step = n + 1, step + 1
-            last = {
-                "epoch": epoch,
-                "step": step,
-                "lr": round(optimizer.param_groups[0]["lr"], 8),
-                **{k: round(v / max(n, 1), 6) for k, v in sums.items()},
-            }
-            metrics.write(last)
-            log.info("epoch %d/%d %s", epoch, cfg.epochs, last)
+        last = objective_epochs(model, optimizer, cfg, metrics, batches, losses)
     info = RunInfo(
         model.cfg,
         start.tokens,

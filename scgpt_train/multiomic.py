@@ -12,7 +12,6 @@ Defaults are the official tutorial's: lr 1e-3, batch 16, 25 epochs. No labels ar
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -25,16 +24,13 @@ from scgpt_runtime.errors import InputError
 from .cells import MISSING, codes_of, minibatches
 from .checkpoint import MetricsLog, RunInfo, new_run_dir, save_run, write_json
 from .distributed import resolve_device
-from .epochs import optimizer_step, set_epoch_lr
+from .epochs import objective_epochs
 from .inference import batch_inputs, batch_modalities, codes_tensor
 from .integrate import mask_values
 from .model import ScGPT
 from .multiomic_data import extend_vocab, load_multiomic_cells, plan_modalities
 from .objectives import cross_entropy, masked_mse
-from .pretrain import step_seed
 from .start import LoadReport, Start, build_model, check_start, run_provenance, start_from
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -158,38 +154,26 @@ def finetune_multiomic(cfg: MultiomicConfig) -> dict[str, Any]:
     _keep_gene_rows(model, start, report)
     model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    rows_all = np.arange(cells.tokens.n_cells)
-    step, last = 0, {}
+    every = np.arange(cells.tokens.n_cells)
+
+    def batches(rng: np.random.Generator) -> list[np.ndarray]:
+        return minibatches(every, cfg.batch_size, rng)
+
+    def losses(rows: np.ndarray, gen: torch.Generator) -> dict[str, torch.Tensor]:
+        inputs = batch_inputs(cells.tokens, rows, device)
+        mod_ids = batch_modalities(cells.tokens, rows, device)
+        codes = codes_tensor(batch_codes, rows, device)
+        return multiomic_losses(model, inputs, mod_ids, codes, cfg, gen)
+
     with MetricsLog(out) as metrics:
-        for epoch in range(1, cfg.epochs + 1):
-            set_epoch_lr(optimizer, cfg.lr, cfg.lr_decay, epoch)
-            model.train()
-            rng = np.random.default_rng(step_seed(cfg.seed, epoch))
-            sums: dict[str, float] = {}
-            n = 0
-            for rows in minibatches(rows_all, cfg.batch_size, rng):
-                gen = torch.Generator().manual_seed(step_seed(cfg.seed, epoch, step))
-                torch.manual_seed(step_seed(cfg.seed, epoch, step, 1))  # dropout
-                parts = multiomic_losses(
-                    model,
-                    batch_inputs(cells.tokens, rows, device),
-                    batch_modalities(cells.tokens, rows, device),
-                    codes_tensor(batch_codes, rows, device),
-                    cfg,
-                    gen,
-                )
-                optimizer_step(parts["loss"], model.parameters(), optimizer, cfg.grad_clip)
-                for k, v in parts.items():
-                    sums[k] = sums.get(k, 0.0) + v.item()
-                n, step = n + 1, step + 1
-            last = {
-                "epoch": epoch,
-                "step": step,
-                "lr": round(optimizer.param_groups[0]["lr"], 8),
-                **{k: round(v / max(n, 1), 6) for k, v in sums.items()},
-            }
-            metrics.write(last)
-            log.info("epoch %d/%d %s", epoch, cfg.epochs, last)
+        last = objective_epochs(
+            model,
+            optimizer,
+            cfg,
+            metrics,
+            lambda rng: minibatches(every, cfg.batch_size, rng),
+            losses,
+        )
     info = RunInfo(
         model.cfg,
         start.tokens,
