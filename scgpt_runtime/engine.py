@@ -52,9 +52,10 @@ class Model(ServedModel):
     def embed(self, data, genes=None, *, normalize: bool = True, **options) -> np.ndarray:
         """(cells, d_model) float32 embeddings of every cell, in order.
 
-        `data` is a path to a .h5ad or 10x .h5 file, or an in-memory cells x genes matrix: a
-        numpy array, or CSR parts (data, indices, indptr) (a scipy CSR matrix works too, scipy
-        is not needed) with `genes`, the gene names of its columns. normalize=False gives the
+        `data` is a path to a .h5ad, .h5mu or 10x .h5 file (a .h5mu file by every modality the
+        bundle reads), or an in-memory cells x genes matrix: a numpy array, or CSR parts
+        (data, indices, indptr) (a scipy CSR matrix works too, scipy is not needed) with
+        `genes`, the gene names of its columns. normalize=False gives the
         raw <cls> output. Options: cells (names for an in-memory matrix), gene_column,
         min_gene_fraction (0.5), layer, use_raw, genome, start, stop, block_size, progress.
         """
