@@ -1,5 +1,5 @@
-"""Readers for single-cell count files: .h5ad (anndata 0.6 to 0.12), MuData .h5mu and 10x
-Genomics HDF5."""
+"""Readers for single-cell count files: .h5ad (anndata 0.6 to 0.12), MuData .h5mu, 10x
+Genomics HDF5 and 10x Matrix Market folders."""
 
 from __future__ import annotations
 
@@ -22,21 +22,26 @@ def open_counts(
     genome: str | None = None,
     modalities: Sequence[str] | None = None,
 ) -> CountMatrix:
-    """Open a .h5ad, .h5mu or 10x .h5 file for streaming its counts.
+    """Open a .h5ad, .h5mu or 10x .h5 file, or a 10x Matrix Market folder (matrix.mtx.gz,
+    features.tsv.gz, barcodes.tsv.gz; its gene expression), for streaming its counts.
 
     Counts come from `raw/X` when present, else `X`; `layer` names a layer instead and
     `use_raw=False` skips raw. `genome` picks one genome group of a multi-genome 10x v2 file.
-    A .h5mu file opens as a MultiModalMatrix of `modalities` (default: all); a 10x file does
-    with `modalities` given (its feature types: rna, adt, atac, ...), else its gene expression.
+    A .h5mu file opens as a MultiModalMatrix of `modalities` (default: all); a 10x file or
+    folder does with `modalities` given (its feature types: rna, adt, atac, ...), else its gene
+    expression.
     """
     path = Path(path)
-    h5 = _open_hdf5(path)
-    try:
-        with damaged(path, "its layout"):
-            counts = _reader(path, h5, layer, use_raw, genome, modalities)
-    except BaseException:
-        h5.close()
-        raise
+    if path.is_dir():
+        counts = _folder_reader(path, layer, genome, modalities)
+    else:
+        h5 = _open_hdf5(path)
+        try:
+            with damaged(path, "its layout"):
+                counts = _reader(path, h5, layer, use_raw, genome, modalities)
+        except BaseException:
+            h5.close()
+            raise
     if counts.n_cells == 0:
         counts.close()
         raise InputError(f"{path}: {counts.matrix} holds no cells")
@@ -81,11 +86,37 @@ def _reader(
     raise InputError(f"{path}: is HDF5 but neither an h5ad (anndata) nor a 10x matrix file")
 
 
+def _folder_reader(
+    path: Path, layer: str | None, genome: str | None, modalities: Sequence[str] | None
+) -> CountMatrix:
+    from .mtx import MtxMatrix, feature_types, is_mtx_folder
+
+    if not is_mtx_folder(path):
+        raise InputError(
+            f"{path}: is a directory without matrix.mtx.gz or matrix.mtx, so neither a 10x "
+            "Matrix Market folder nor a .h5ad or 10x .h5 file"
+        )
+    if layer is not None:
+        raise InputError(
+            f"{path}: is a 10x Matrix Market folder, which has no layers (drop --layer)"
+        )
+    if genome is not None:
+        raise InputError(
+            f"{path}: is a 10x Matrix Market folder, whose features name no genome (drop --genome)"
+        )
+    if modalities is None:
+        return MtxMatrix(path)
+    from .multimodal import by_feature_type
+
+    def open_type(t: str) -> MtxMatrix:
+        return MtxMatrix(path, feature_type=t)
+
+    return by_feature_type(path, open_type, feature_types(path), modalities)
+
+
 def _open_hdf5(path: Path) -> h5py.File:
     if not path.exists():
         raise InputError(f"{path}: no such file")
-    if path.is_dir():
-        raise InputError(f"{path}: is a directory, not a .h5ad or 10x .h5 file")
     try:
         return h5py.File(path, "r")
     except OSError as e:

@@ -36,15 +36,15 @@ class CountMatrix:
     Subclasses set the attributes below in `__init__` and implement `_blocks`.
     """
 
-    format: str  # "h5ad", "10x-v3" or "10x-v2"
+    format: str  # "h5ad", "10x-v3", "10x-v2" or "10x-mtx"
     matrix: str  # which matrix: "raw/X", "X", "layers/counts", "matrix", "GRCh38", ...
     n_cells: int
     n_genes: int
     var: dict[str, np.ndarray]  # gene identifier columns (str arrays); the var index as "index"
 
-    def __init__(self, path: Path, h5: h5py.File):
+    def __init__(self, path: Path, h5: h5py.File | None):
         self.path = path
-        self.h5 = h5
+        self.h5 = h5  # None for readers of other files (a 10x Matrix Market folder)
 
     @cached_property
     def obs_names(self) -> np.ndarray:
@@ -79,7 +79,8 @@ class CountMatrix:
                 yield block
 
     def close(self) -> None:
-        self.h5.close()
+        if self.h5 is not None:
+            self.h5.close()
 
     def __enter__(self) -> CountMatrix:
         return self

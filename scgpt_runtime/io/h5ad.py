@@ -236,7 +236,9 @@ def _csc_blocks(
             ) from e
         for i, files in enumerate(spill):
             entries = [_take_file(file, dtype) for file, dtype in zip(files, _SPILLED, strict=True)]
-            yield from _bucket_blocks(*entries, bounds[i], bounds[i + 1], n_cols, block_size)
+            blocks = _bucket_blocks(*entries, bounds[i], bounds[i + 1], n_cols, block_size)
+            del entries  # held here, the bucket's row ids would outlive their sort
+            yield from blocks
 
 
 def _spill_buckets(
@@ -244,16 +246,28 @@ def _spill_buckets(
 ) -> None:
     """Pass 2: append every entry to its bucket's files, reading CSC_CHUNK entries at a time."""
     for c0, c1 in _column_chunks(indptr, CSC_CHUNK):
-        rows, cols, values = _csc_entries(g, indptr, c0, c1, n_rows, bounds[0], bounds[-1])
-        bucket = np.searchsorted(bounds - bounds[0], rows, side="right") - 1
-        rows -= (bounds[bucket] - bounds[0]).astype(np.int32)  # counted from the bucket's first
-        order = _stable_order(bucket, len(spill))
-        entries = [rows[order], cols[order], values[order]]
-        ends = np.cumsum(np.bincount(bucket, minlength=len(spill)))
-        for i in np.flatnonzero(np.diff(ends, prepend=0)):
-            for file, part in zip(spill[i], entries, strict=True):
-                with file.open("ab") as f:  # not tofile: it loses a short write silently
-                    f.write(np.ascontiguousarray(part[ends[i - 1] if i else 0 : ends[i]]).data)
+        entries = _csc_entries(g, indptr, c0, c1, n_rows, bounds[0], bounds[-1])
+        _spill_entries(*entries, bounds, spill)
+
+
+def _spill_entries(
+    rows: np.ndarray,
+    cols: np.ndarray,
+    values: np.ndarray,
+    bounds: np.ndarray,
+    spill: list[list[Path]],
+) -> None:
+    """Append entries (rows counted from bounds[0], changed in place) to their buckets' files
+    (io.mtx spills through it too)."""
+    bucket = np.searchsorted(bounds - bounds[0], rows, side="right") - 1
+    rows -= (bounds[bucket] - bounds[0]).astype(np.int32)  # counted from the bucket's first
+    order = _stable_order(bucket, len(spill))
+    entries = [rows[order], cols[order], values[order]]
+    ends = np.cumsum(np.bincount(bucket, minlength=len(spill)))
+    for i in np.flatnonzero(np.diff(ends, prepend=0)):
+        for file, part in zip(spill[i], entries, strict=True):
+            with file.open("ab") as f:  # not tofile: it loses a short write silently
+                f.write(np.ascontiguousarray(part[ends[i - 1] if i else 0 : ends[i]]).data)
 
 
 def _csc_entries(
