@@ -2,8 +2,8 @@
 or genes.tsv(.gz) (CellRanger 2), and barcodes.tsv(.gz).
 
 The matrix is features x cells in coordinate text whose entries may come in any order (cell by
-cell, feature by feature), so streaming cells is a transpose. The text is parsed CHUNK_BYTES at
-a time and its entries grouped by cell into buckets, as io.h5ad transposes CSC:
+cell, feature by feature), so streaming cells is a transpose. The text is parsed in chunks
+(io.mtx_text) and its entries grouped by cell into buckets, as io.h5ad transposes CSC:
   memory  at most MEMORY_NNZ entries: one pass, the whole matrix one bucket, kept by the reader;
   spill   more: a first pass (once per reader) counts each cell's entries to size the buckets,
           a second appends each entry to its bucket's temporary files; a bucket is read back
@@ -12,30 +12,18 @@ a time and its entries grouped by cell into buckets, as io.h5ad transposes CSC:
 
 from __future__ import annotations
 
-import gzip
 import tempfile
-import warnings
-import zlib
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 
-try:
-    from isal import igzip as _gzip  # the optional extra [fast]: inflates 3x faster than zlib
-    from isal.isal_zlib import error as _InflateError
-except ImportError:
-    _gzip = gzip
-    _InflateError = zlib.error
-
 from ..csr import CsrBlock
-from ..errors import InputError, OutputError, ScgptError
+from ..errors import InputError, OutputError
 from .base import CountMatrix
 from .h5ad import _SPILLED, _bucket_blocks, _bucket_bounds, _spill_entries, _take_file
+from .mtx_text import count_lines, opened, read_entries, read_header, read_lines
 from .tenx import _sort_rows
 
 MATRIX_FILES = ("matrix.mtx.gz", "matrix.mtx")
@@ -43,22 +31,8 @@ FEATURE_FILES = ("features.tsv.gz", "features.tsv", "genes.tsv.gz", "genes.tsv")
 BARCODE_FILES = ("barcodes.tsv.gz", "barcodes.tsv")
 GENE_EXPRESSION = "Gene Expression"  # the type of every feature of a CellRanger 2 genes.tsv
 
-CHUNK_BYTES = 2**23  # text parsed at a time: about 600k entries, 15 MB of numbers
 MEMORY_NNZ = 2**23  # entries transposed in memory (12 bytes each); a larger matrix spills
 BUCKET_GRAIN = 256  # cells: buckets hold whole groups of this many (h5ad's are whole blocks)
-MAX_LINE = 2**16  # bytes: a longer line is no Matrix Market line (a damaged or wrong file)
-HEADER = "%%MatrixMarket matrix coordinate integer general"
-
-
-@dataclass(frozen=True)
-class _Header:
-    """What the lines before the entries say."""
-
-    field: str  # "integer" or "real"
-    n_features: int
-    n_cells: int
-    nnz: int
-    n_lines: int  # lines before the first entry
 
 
 class MtxMatrix(CountMatrix):
@@ -76,10 +50,10 @@ class MtxMatrix(CountMatrix):
         features = _find(path, FEATURE_FILES, "features")
         self._barcodes = _find(path, BARCODE_FILES, "barcodes")
         self.matrix = self._mtx.name
-        with _opened(self._mtx) as f:
-            self._header = header = _read_header(self._mtx, f)
+        with opened(self._mtx) as f:
+            self._header = header = read_header(self._mtx, f)
         var = _read_features(features)
-        n_barcodes = _count_lines(self._barcodes)
+        n_barcodes = count_lines(self._barcodes)
         if header.n_features != len(var["id"]):
             raise InputError(
                 f"{self._mtx}: its size line says {header.n_features} features but "
@@ -110,7 +84,9 @@ class MtxMatrix(CountMatrix):
         self._bucket: CsrBlock | None = None  # the bucket read last, transposed
 
     def _read_obs_names(self) -> np.ndarray:
-        return np.asarray([line.split("\t", 1)[0] for line in _lines(self._barcodes)], dtype=str)
+        return np.asarray(
+            [line.split("\t", 1)[0] for line in read_lines(self._barcodes)], dtype=str
+        )
 
     def _blocks(self, block_size: int, start: int, stop: int) -> Iterator[CsrBlock]:
         for first in range(start, stop, block_size):
@@ -221,7 +197,7 @@ class MtxMatrix(CountMatrix):
     def _entries(self) -> Iterator[list[np.ndarray]]:
         """(cell, kept column, value) of the entries, chunk by chunk in file order: int32,
         int32, float32."""
-        for features, cells, values in _read_entries(self._mtx, self._header):
+        for features, cells, values in read_entries(self._mtx, self._header):
             if self._col_map is not None:
                 features = self._col_map[features]
                 keep = features >= 0
@@ -264,204 +240,10 @@ def _find(folder: Path, names: tuple[str, ...], what: str) -> Path:
     )
 
 
-@contextmanager
-def _opened(path: Path) -> Iterator[BinaryIO]:
-    """`path` opened read-only, inflated where it is .gz; its read errors become one InputError."""
-    try:
-        with _gzip.open(path, "rb") if path.name.endswith(".gz") else path.open("rb") as f:
-            yield f
-    except ScgptError:
-        raise
-    except (EOFError, zlib.error, _InflateError, gzip.BadGzipFile) as e:
-        raise InputError(f"{path}: truncated or corrupt gzip ({_detail(e)})") from e
-    except OSError as e:
-        raise InputError(f"{path}: cannot be read ({_detail(e)})") from e
-
-
-def _detail(e: BaseException) -> str:
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-
-
-def _read_header(path: Path, f: BinaryIO) -> _Header:
-    """The header line, comments and size line, leaving `f` at the first entry."""
-    first = f.readline(MAX_LINE)
-    words = first.decode("ascii", "replace").lower().split()
-    if not words or words[0] != "%%matrixmarket":
-        raise InputError(f"{path}: has no Matrix Market header (expected {HEADER!r})")
-    if len(words) != 5 or words[1] != "matrix":
-        shown = first.decode("ascii", "replace").strip()[:80]
-        raise InputError(f"{path}: bad Matrix Market header {shown!r} (expected {HEADER!r})")
-    layout, field, symmetry = words[2:]
-    if layout != "coordinate":
-        raise InputError(
-            f"{path}: is a dense ({layout!r}) Matrix Market matrix; 10x writes 'coordinate'"
-        )
-    if field not in ("integer", "real"):
-        raise InputError(f"{path}: holds {field!r} values; counts must be 'integer' or 'real'")
-    if symmetry != "general":
-        raise InputError(f"{path}: is a {symmetry!r} matrix; a features x cells one is 'general'")
-    n_lines = 1
-    while (line := f.readline(MAX_LINE)).startswith(b"%") or (line and line.isspace()):
-        n_lines += 1
-    if not line:
-        raise InputError(f"{path}: ends before its size line (n_features n_cells n_entries)")
-    try:
-        sizes = [int(word) for word in line.split()]
-    except ValueError:
-        sizes = []
-    if len(sizes) != 3 or min(sizes) < 0:
-        shown = line.decode("ascii", "replace").strip()[:80]
-        raise InputError(f"{path}: bad size line {shown!r} (expected n_features n_cells n_entries)")
-    return _Header(field, *sizes, n_lines + 1)
-
-
-def _read_entries(path: Path, header: _Header) -> Iterator[tuple[np.ndarray, ...]]:
-    """(feature, cell, value) of every entry, 0-based int64, int64, float32, a chunk at a time,
-    checked against the header: indices in range, as many entries as it says."""
-    seen = 0
-    with _opened(path) as f:
-        if _read_header(path, f) != header:
-            raise InputError(f"{path}: changed while being read")
-        for chunk, line, n_lines in _chunks(path, f, header.n_lines + 1):
-            entries = _parse(path, header.field, chunk, line, n_lines)
-            if seen + len(entries) > header.nnz:
-                where = _line_of(chunk, line, header.nnz - seen)
-                raise InputError(
-                    f"{path}: line {where}: more entries than the {header.nnz} of its size line"
-                )
-            seen += len(entries)
-            ids = []
-            for k, n, noun in ((0, header.n_features, "row"), (1, header.n_cells, "column")):
-                i = entries[:, k].astype(np.int64) - 1
-                bad = (i < 0) | (i >= n)
-                if bad.any():
-                    at = int(bad.argmax())
-                    raise InputError(
-                        f"{path}: line {_line_of(chunk, line, at)}: {noun} {i[at] + 1} is "
-                        f"outside 1..{n} (the size line's {'features' if k == 0 else 'cells'})"
-                    )
-                ids.append(i)
-            yield ids[0], ids[1], entries[:, 2].astype(np.float32)
-    if seen < header.nnz:
-        raise InputError(
-            f"{path}: holds {seen} entries but its size line says {header.nnz} (truncated?)"
-        )
-
-
-def _chunks(path: Path, f: BinaryIO, line: int) -> Iterator[tuple[bytes, int, int]]:
-    """(text, number of its first line, lines) of whole lines of `f`, CHUNK_BYTES at a time."""
-    rest = b""
-    while data := f.read(CHUNK_BYTES):
-        data = rest + data
-        cut = data.rfind(b"\n") + 1
-        chunk, rest = data[:cut], data[cut:]
-        if len(rest) > MAX_LINE:  # what bounds memory on a file without line breaks
-            raise InputError(f"{path}: line {line} is longer than {MAX_LINE} bytes")
-        if chunk:
-            n_lines = chunk.count(b"\n")
-            yield chunk, line, n_lines
-            line += n_lines
-    if rest:
-        yield rest + b"\n", line, 1
-
-
-def _parse(path: Path, field: str, chunk: bytes, line: int, n_lines: int) -> np.ndarray:
-    """(n, 3) int64 (or float64 for real values with decimals) entries of whole lines, checked:
-    numbers, three a line (blank lines allowed), integer indices."""
-    if chunk.isspace():  # numpy reads a blank text as one number
-        return np.empty((0, 3), dtype=np.int64)
-    numbers = _numbers(chunk, field == "real")
-    if numbers is None:
-        raise _not_numbers(path, field, chunk, line)
-    if len(numbers) != 3 * n_lines:
-        _check_fields(path, chunk, line)
-    entries = numbers.reshape(-1, 3)
-    if entries.dtype.kind == "f":
-        ids = entries[:, :2]
-        bad = ~(np.isfinite(ids) & (ids == np.floor(ids))).all(axis=1)
-        if bad.any():
-            at = int(bad.argmax())
-            raise InputError(
-                f"{path}: line {_line_of(chunk, line, at)}: index {ids[at].tolist()} is not "
-                "a whole number"
-            )
-    return entries
-
-
-def _numbers(chunk: bytes, real: bool) -> np.ndarray | None:
-    """Every number of `chunk`: int64 where all are integers (5x faster to read), else float64
-    where `real`; None where one is not a number."""
-    for dtype in (np.int64, np.float64) if real else (np.int64,):
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", DeprecationWarning)  # numpy < 2 warns, then raises
-                return np.fromstring(chunk, dtype=dtype, sep=" ")
-        except (ValueError, DeprecationWarning):
-            continue
-    return None
-
-
-def _not_numbers(path: Path, field: str, chunk: bytes, line: int) -> InputError:
-    """The error naming the first field of `chunk` that is not a number (of the header's field)."""
-    parse, kind = (int, "an integer") if field == "integer" else (float, "a number")
-    for i, text in enumerate(chunk.split(b"\n")):
-        for word in text.split():
-            try:
-                parse(word)
-            except ValueError:
-                shown = word[:40].decode("utf-8", "replace")
-                return InputError(f"{path}: line {line + i}: {shown!r} is not {kind}")
-    last = line + chunk.count(b"\n") - 1
-    return InputError(f"{path}: lines {line}-{last}: cannot read every field as {kind}")
-
-
-def _check_fields(path: Path, chunk: bytes, line: int) -> None:
-    """Every line blank or three fields (row col value)."""
-    for i, text in enumerate(chunk.split(b"\n")[:-1]):
-        n = len(text.split())
-        if n not in (0, 3):
-            shown = text[:60].decode("utf-8", "replace")
-            raise InputError(
-                f"{path}: line {line + i}: {n} fields where an entry has 3 (row col value): "
-                f"{shown!r}"
-            )
-
-
-def _line_of(chunk: bytes, line: int, k: int) -> int:
-    """The number of the line of the k-th entry of `chunk` (for messages: blank lines skipped)."""
-    for i, text in enumerate(chunk.split(b"\n")):
-        if text.strip():
-            if k == 0:
-                return line + i
-            k -= 1
-    return line + chunk.count(b"\n")
-
-
-def _lines(path: Path) -> list[str]:
-    """The lines of a small text file (a features or barcodes table)."""
-    with _opened(path) as f:
-        text = f.read().decode("utf-8", "replace")
-    if "\x00" in text:
-        raise InputError(f"{path}: holds a NUL byte: the file is damaged")
-    lines = text.split("\n")  # not splitlines: it also breaks at \x1c, \x85, ... inside names
-    if lines[-1] == "":
-        lines.pop()
-    return [line.removesuffix("\r") for line in lines]
-
-
-def _count_lines(path: Path) -> int:
-    """How many lines `_lines` would return, reading CHUNK_BYTES at a time."""
-    n, last = 0, b"\n"
-    with _opened(path) as f:
-        while data := f.read(CHUNK_BYTES):
-            n, last = n + data.count(b"\n"), data[-1:]
-    return n + (last != b"\n")
-
-
 def _read_features(path: Path) -> dict[str, np.ndarray]:
     """id, name and feature_type of every line (further columns, such as ATAC's intervals, are
     not kept); a genes.tsv has no type column: all gene expression."""
-    rows = [line.split("\t") for line in _lines(path)]
+    rows = [line.split("\t") for line in read_lines(path)]
     if not rows:
         raise InputError(f"{path}: lists no features")
     width = len(rows[0])

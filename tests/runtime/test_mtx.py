@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from scgpt_runtime.cli import cli
 from scgpt_runtime.errors import InputError
-from scgpt_runtime.io import h5ad, mtx, open_counts
+from scgpt_runtime.io import h5ad, mtx, mtx_text, open_counts
 from scgpt_runtime.io.mtx import MtxMatrix
 
 SHARED = "wave2/multiomics/scvi_pbmc_10k_protein_v3_subset_mtx"
@@ -230,7 +230,7 @@ def _force_spill(monkeypatch) -> list[np.ndarray]:
     monkeypatch.setattr(mtx, "MEMORY_NNZ", 10)
     monkeypatch.setattr(h5ad, "CSC_BUCKET_NNZ", 50)
     monkeypatch.setattr(mtx, "BUCKET_GRAIN", 3)
-    monkeypatch.setattr(mtx, "CHUNK_BYTES", 64)
+    monkeypatch.setattr(mtx_text, "CHUNK_BYTES", 64)
     bounds, real = [], mtx._bucket_bounds
     monkeypatch.setattr(mtx, "_bucket_bounds", lambda *a: bounds.append(real(*a)) or bounds[-1])
     return bounds
@@ -238,13 +238,13 @@ def _force_spill(monkeypatch) -> list[np.ndarray]:
 
 def _count_passes(monkeypatch) -> list[int]:
     """How many times the text is read, as a list of one number."""
-    passes, real = [0], mtx._read_entries
+    passes, real = [0], mtx.read_entries
 
     def counted(*args):
         passes[0] += 1
         return real(*args)
 
-    monkeypatch.setattr(mtx, "_read_entries", counted)
+    monkeypatch.setattr(mtx, "read_entries", counted)
     return passes
 
 

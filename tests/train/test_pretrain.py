@@ -192,7 +192,7 @@ def test_cli_pretrain_json_and_bad_inputs(shared_data, tmp_path):
         cli, ["pretrain", "--data", str(tmp_path / "none*.h5ad"), "--out", str(run)]
     )
     assert bad.exit_code == 3
-    assert "no .h5ad or .h5 file there" in bad.stderr
+    assert "no .h5ad, .h5 or .h5mu file there" in bad.stderr
     bad = CliRunner().invoke(cli, [*args, "--config", str(_write(tmp_path, {"nope": 1}))])
     assert bad.exit_code == 2
     assert "unknown fields in --config: nope" in bad.stderr
