@@ -190,8 +190,8 @@ def _write_h5ad(
     source = Path(settings["input"])
     obsm = {EMBEDDING_KEY: result.embedding}
     uns = {UNS_KEY: _uns(settings)}
-    if not source.is_file():
-        raise InputError(f"{source}: the input file is gone; its .h5ad output copies it")
+    if not source.exists():  # a file, or a 10x Matrix Market folder
+        raise InputError(f"{source}: the input is gone; its .h5ad output copies it")
     if inplace or (settings["input_format"] == "h5ad" and extensible(source)):
         return add_to_h5ad(
             source, None if inplace else out, obs=obs, obsm=obsm, uns=uns, overwrite=True

@@ -31,6 +31,7 @@ def pretrain(out: Path, files: list[Path], vocab: Path, *, steps: int = 2000, se
     """Pretrain into `out` unless a finished run is there; the summary goes to OUT.json."""
     if (out / "model.safetensors").exists():
         return out
+    out.parent.mkdir(parents=True, exist_ok=True)
     config = out.parent / "pretrain.config.json"
     config.write_text(json.dumps({"model": {"max_seq_len": 128}, "tokens": {"selection": "top"}}))
     cmd = ["scgpt-train", "pretrain"] + [a for f in files for a in ("--data", str(f))]

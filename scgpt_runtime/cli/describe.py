@@ -108,7 +108,7 @@ def inspect(
     min_gene_fraction: float,
     as_json: bool,
 ) -> None:
-    """Describe FILE (.h5ad, .h5mu or 10x .h5): format, matrix read, size, counts, gene column.
+    """Describe FILE (.h5ad, .h5mu, 10x .h5 or mtx folder): format, matrix, size, counts, genes.
 
     Counts come from raw/X when present, else X; --layer and --no-raw choose otherwise. A
     .h5mu file is described modality by modality: what it holds (genes, proteins, peaks),

@@ -156,7 +156,7 @@ def annotate(
     no_raw: bool,
     **options,
 ) -> None:
-    """Predict the cell type of every cell of FILE (.h5ad or 10x .h5).
+    """Predict the cell type of every cell of FILE (.h5ad, .h5mu, 10x .h5 or 10x mtx folder).
 
     Per cell: the predicted label, its probability (conf_score), the number of genes the
     model saw (n_genes; 0 means no gene of the cell is in the vocabulary), and with --top-k the
@@ -164,7 +164,8 @@ def annotate(
     reference cells (L2-normalised embeddings, exact search), conf_score its vote share, and
     knn_distance the distance to the nearest reference cell. Below --unknown-below, or too far
     from the reference, a cell is "Unknown". CSV/TSV rows are keyed by cell barcode, in file
-    order. An .h5ad output is a copy of FILE (or, for a 10x FILE, a new file) with the obs
+    order. An .h5ad output is a copy of FILE (or a new file: a 10x file's gene expression, or a
+    .h5mu's modalities side by side named in var["modality"]) with the obs
     columns {prefix}predicted_labels, {prefix}conf_score and {prefix}n_genes (and
     {prefix}knn_distance), the L2-normalised embedding in obsm["X_scGPT"] and the provenance
     in uns["scGPT"]; --inplace writes them into FILE itself (atomically: an interruption
@@ -215,12 +216,12 @@ def embed(
     no_raw: bool,
     **options,
 ) -> None:
-    """Embed every cell of FILE (.h5ad or 10x .h5): one row per cell, in file order.
+    """Embed every cell of FILE (.h5ad, .h5mu, 10x .h5 or mtx folder): a row per cell, in order.
 
     The embedding is the model's <cls> output, L2-normalised as in the official scGPT
     zero-shot pipeline (--raw: as the model gives it). .npy: a (cells, d) float32 array;
     .csv/.tsv: the cell barcode then d columns; .h5ad: obsm["X_scGPT"] in a copy of FILE (or a
-    new file for a 10x FILE), or in FILE itself with --inplace.
+    new file for a 10x or .h5mu FILE, as annotate writes), or in FILE itself with --inplace.
     """
     _serve("embed", file, bundle, out, inplace, shard, as_json, no_raw, raw=raw, **options)
 

@@ -95,7 +95,8 @@ def start_options(cls: type) -> Callable:
             "--data",
             multiple=True,
             required=True,
-            help="A .h5ad or 10x .h5 file, a folder of them, or a quoted glob; repeatable.",
+            help="A .h5ad, .h5mu or 10x .h5 file, a 10x mtx folder, a folder of files, or a quoted "
+            "glob; repeatable.",
         ),
         click.option(
             "--out",

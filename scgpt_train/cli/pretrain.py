@@ -36,8 +36,8 @@ Examples:
 @click.option(
     "--data",
     multiple=True,
-    help="A .h5ad or 10x .h5 file, a folder of them, or a quoted glob; repeatable "
-    "(required unless --resume, which takes the run's own).",
+    help="A .h5ad, .h5mu or 10x .h5 file, a 10x mtx folder, a folder of files, or a quoted "
+    "glob; repeatable (required unless --resume, which takes the run's own).",
 )
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory.")
 @option(PretrainConfig, "preset", type=click.Choice(sorted(PRESETS)))

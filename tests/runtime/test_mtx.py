@@ -468,3 +468,18 @@ def test_cli_inspect_damaged_folder_exits_3(tmp_path):
     assert len(lines) == 1
     assert lines[0].startswith(f"Error: {folder / 'matrix.mtx.gz'}: line 6: column 6 is outside")
     assert "Traceback" not in result.output
+
+
+def test_cli_embed_folder_to_a_new_h5ad(tmp_path, folder, served_bundle):
+    import anndata as ad
+
+    out = tmp_path / "e.h5ad"
+    args = ["embed", str(folder), "--model", str(served_bundle), "--out", str(out)]
+    result = CliRunner().invoke(cli, [*args, "--min-gene-fraction", "0", "--json"])
+    assert result.exit_code == 0, result.output
+    written = ad.read_h5ad(out)
+    assert written.obsm["X_scGPT"].shape == (1024, 64)
+    with open_counts(folder) as counts:  # its gene expression, as for a 10x .h5
+        assert written.var_names.tolist() == counts.var["name"].tolist()
+        expected = np.concatenate([b.to_dense() for b in counts.iter_blocks()])
+    np.testing.assert_array_equal(written.X.toarray(), expected)
