@@ -79,7 +79,7 @@ class CountMatrix:
                 yield block
 
     def close(self) -> None:
-        if self.h5 is not None:
+        if isinstance(self.h5, h5py.File):  # a modality of a .h5mu holds a group of its file
             self.h5.close()
 
     def __enter__(self) -> CountMatrix:

@@ -106,6 +106,11 @@ class MultiModalMatrix(CountMatrix):
         with damaged(self.path, f"obs/{name}"):
             return self._obs.read(name)
 
+    def close(self) -> None:
+        for p in self.parts:  # a part may hold more than the shared file: an mtx spill folder
+            p.counts.close()
+        super().close()
+
     def _blocks(self, block_size: int, start: int, stop: int) -> Iterator[CsrBlock]:
         for r0 in range(start, stop, block_size):
             r1 = min(r0 + block_size, stop)

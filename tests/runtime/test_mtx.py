@@ -301,7 +301,10 @@ def test_modalities_of_a_folder(tmp_path, folder, monkeypatch):
     passes = _count_passes(monkeypatch)
     with open_counts(cite, modalities=["adt", "rna"]) as counts:
         _same(_csr(counts, 4), sp.hstack([synthetic[:, 1::2], synthetic[:, 0::2]]).tocsr())
+        spilled = [Path(p.counts._tmp.name) for p in counts.parts]
+        assert all(folder.is_dir() for folder in spilled)
     assert passes == [4]  # per modality: counting, spilling
+    assert not any(folder.exists() for folder in spilled)  # closing removes every spill
 
 
 def test_inputs_are_not_modified(tmp_path, folder):
