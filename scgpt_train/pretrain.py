@@ -14,7 +14,7 @@ import json
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,7 @@ from .checkpoint import (
     save_run,
     write_json,
 )
+from .config import default_lr
 from .data import CellStream, Position, build_vocab, open_sources, validation_cells
 from .inference import embed
 from .metrics import knn_probe
@@ -65,13 +66,13 @@ class PretrainConfig:
     max_steps: int = 1000
     batch_size: int = 32  # cells per step over all ranks (x grad_accum per optimizer step)
     grad_accum: int = 1
-    lr: float = 1e-4
+    lr: float | None = None  # None: config.default_lr of the model's width
     warmup_steps: int = 100
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     seed: int = 0
     gen_fractions: tuple[float, ...] = (0.25, 0.5, 0.75)  # the official choices
-    mlm_weight: float = 0.0  # weight of the masked-value objective on observed tokens (0 = off)
+    mlm_weight: float = 0.5  # the masked-value objective on observed tokens (0 = off; official)
     ecs_weight: float = 0.0  # weight of elastic cell similarity on the cell embeddings (0 = off)
     mask_ratio: float = 0.4
     val_fraction: float = 0.05
@@ -215,8 +216,10 @@ def pretrain(cfg: PretrainConfig, progress: Callable[..., None] | None = None) -
     model_cfg = ModelConfig.from_name(
         cfg.preset, vocab_size=len(vocab), pad_id=vocab.pad_id, **cfg.model
     )
+    if cfg.lr is None:  # the run records the rate it trained with (and --resume keeps it)
+        cfg = replace(cfg, lr=default_lr(model_cfg.d_model))
     defaults = {"max_seq_len": model_cfg.max_seq_len, "n_bins": model_cfg.n_bins}
-    tok_cfg = TokenConfig(**{**defaults, "selection": "sample", "seed": cfg.seed, **cfg.tokens})
+    tok_cfg = TokenConfig(**{**defaults, "seed": cfg.seed, **cfg.tokens})
     sources = open_sources(paths, vocab, cfg.gene_column)
     stream = CellStream(
         sources,

@@ -15,6 +15,7 @@ import click
 from scgpt_runtime.cli.common import check_where, option
 from scgpt_runtime.errors import InputError
 
+from ..config import LR_HELP
 from ..model import PRESETS
 
 DATA_SUFFIXES = (".h5ad", ".h5", ".h5mu")
@@ -125,7 +126,7 @@ def start_options(cls: type) -> Callable:
             help="Passes over the training cells.",
         ),
         option(cls, "batch_size", type=int),
-        option(cls, "lr", type=float),
+        option(cls, "lr", type=float, help=LR_HELP if _default(cls, "lr") is None else None),
         option(
             cls,
             "lr_decay",
@@ -144,6 +145,10 @@ def start_options(cls: type) -> Callable:
         return f
 
     return apply
+
+
+def _default(cls: type, name: str) -> Any:
+    return next(f.default for f in fields(cls) if f.name == name)
 
 
 def finetune_config(

@@ -26,13 +26,19 @@ Examples:
   scgpt-train finetune annotate --from runs/pre --data pbmc.h5ad --label-key cell_type \\
       --out runs/pbmc-annot
   scgpt-train finetune annotate --from runs/pre --data kang.h5ad --label-key cell_type \\
-      --where condition=control --out runs/kang-annot --class-weight balanced --json
+      --where condition=control --out runs/kang-annot --json
   scgpt-train finetune annotate --from-scratch --preset small --data a.h5ad \\
-      --label-key cell_type --out runs/scratch --epochs 20 --lr 1e-3"""
+      --label-key cell_type --out runs/scratch --epochs 50 --patience 10"""
 )
 @start_options(AnnotateConfig)
 @click.option("--label-key", required=True, help="obs column with the cell-type labels.")
 @click.option("--batch-key", help="obs column with batches: adds DSBN (batch-pure minibatches).")
+@option(
+    AnnotateConfig,
+    "dropout",
+    type=float,
+    help="Dropout while fine-tuning (the official 0.2 held the small model back).",
+)
 @option(
     AnnotateConfig,
     "freeze",

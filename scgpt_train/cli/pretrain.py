@@ -14,6 +14,7 @@ from click.core import ParameterSource
 from scgpt_runtime.cli.common import check_where, progress_bar
 
 from ..checkpoint import latest_checkpoint
+from ..config import LR_HELP
 from ..model import PRESETS
 from ..official import import_scgpt as run_import
 from ..pretrain import PretrainConfig, resumed_config
@@ -63,7 +64,7 @@ Examples:
     help="Cells per step over all processes.",
 )
 @option(PretrainConfig, "grad_accum", type=int)
-@option(PretrainConfig, "lr", type=float)
+@option(PretrainConfig, "lr", type=float, help=LR_HELP)
 @option(PretrainConfig, "warmup_steps", type=int)
 @option(
     PretrainConfig,
