@@ -12,8 +12,12 @@ What a new user runs, with only the required arguments and a seed (S = 0, 1, 2):
 the issue allows), scored on the 1,039 stimulated cells; beside it in the same run, on the same
 cells: logistic regression and PCA(50) + 10-NN on log1p(CP10k) fit on the 936 control cells
 (tools/evaluate.py's baselines, deterministic), and the same fine-tuning from random weights
-(`--from-scratch`, so what pretraining adds is measured). Each stage is skipped where its output
-exists. Results: OUT/results.json, with each command's wall time.
+(`--from-scratch`, so what pretraining adds is measured). Zero-shot, each pretrained run's
+L2-normalised <cls> embeddings of all Kang cells: 10-NN from the control to the stimulated cells
+(majority vote, as the official reference mapping) and the mean cosine between two cells (near
+1: collapsed), and its integration of control and stimulated (AvgBIO, AvgBATCH) beside
+HVG + PCA (tools/evaluate.py's). Each stage is skipped where its output exists. Results:
+OUT/results.json, with each command's wall time.
 """
 
 from __future__ import annotations
@@ -30,10 +34,13 @@ import anndata as ad
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from evaluate import annotation_baselines
+from evaluate import annotation_baselines, hvg_pca
 from recipe import run
 
-from scgpt_train.metrics import annotation_metrics
+from scgpt_train.cells import load_cells
+from scgpt_train.checkpoint import load_run
+from scgpt_train.inference import embed
+from scgpt_train.metrics import annotation_metrics, integration_metrics, knn_probe, knn_transfer
 
 DATA = Path(os.environ.get("SCGPT_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 KANG = DATA / "labelled" / "kang2018_pbmc_counts.h5ad"
@@ -85,6 +92,30 @@ def scgpt(out: Path, seed: int, scratch: bool) -> dict:
     }
 
 
+def zero_shot(pre: Path, kang: ad.AnnData) -> dict[str, float]:
+    """10-NN control -> stimulated on the pretrained embeddings, and their mean cosine."""
+    model, info = load_run(pre)
+    cells = load_cells([str(KANG)], info.vocab, info.tokens)
+    x = embed(model, cells.tokens)
+    control = (kang.obs["condition"] == "control").to_numpy()
+    labels = kang.obs["cell_type"].astype(str).to_numpy()
+    guess = knn_transfer(x[control], labels[control], x[~control], k=10).predicted_labels
+    m = annotation_metrics(labels[~control], guess)
+    cosine = knn_probe(x, labels)["probe_mean_cosine"]
+    mixed = integration_metrics(x / np.linalg.norm(x, axis=1, keepdims=True), labels, batch(kang))
+    return {
+        "accuracy": m["accuracy"],
+        "macro_f1": m["macro_f1"],
+        "mean_cosine": cosine,
+        "avg_bio": mixed["avg_bio"],
+        "avg_batch": mixed["avg_batch"],
+    }
+
+
+def batch(kang: ad.AnnData) -> np.ndarray:
+    return kang.obs["condition"].astype(str).to_numpy()
+
+
 def _stat(values: list[float]) -> dict[str, float]:
     return {"mean": round(float(np.mean(values)), 4), "sd": round(float(np.std(values)), 4)}
 
@@ -100,6 +131,8 @@ def main() -> None:
     stimulated = kang[kang.obs["condition"] == "stimulated"]
     truth = stimulated.obs["cell_type"].astype(str).to_numpy()
     results: dict = {"baselines": annotation_baselines(control, stimulated, "cell_type")}
+    labels = kang.obs["cell_type"].astype(str).to_numpy()
+    results["HVG + PCA integration"] = integration_metrics(hvg_pca(kang), labels, batch(kang))
     for label, scratch in (("pretrained + fine-tuned", False), ("fine-tuned from scratch", True)):
         runs = [scgpt(args.out, seed, scratch) for seed in range(args.seeds)]
         scores = []
@@ -113,6 +146,10 @@ def main() -> None:
             "per_seed": scores,
             "runs": [{k: v for k, v in r.items() if k != "predicted"} for r in runs],
         }
+    zero = [zero_shot(args.out / f"pre-{seed}", kang) for seed in range(args.seeds)]
+    results["zero-shot 10-NN on the pretrained embeddings"] = {
+        k: _stat([z[k] for z in zero]) for k in zero[0]
+    } | {"per_seed": zero}
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))
 
