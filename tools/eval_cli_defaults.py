@@ -35,8 +35,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from evaluate import annotation_baselines, hvg_pca
-from recipe import run
+from recipe import run, stat
 
+from scgpt_runtime.knn import l2_normalize
 from scgpt_train.cells import load_cells
 from scgpt_train.checkpoint import load_run
 from scgpt_train.inference import embed
@@ -47,12 +48,14 @@ KANG = DATA / "labelled" / "kang2018_pbmc_counts.h5ad"
 
 
 def timed(cmd: list[str], done: Path, log: Path) -> float | None:
-    """Run `cmd` unless `done` exists; its wall seconds (None when skipped)."""
-    if done.exists():
-        return None
-    t0 = time.perf_counter()
-    run(cmd, log)
-    return round(time.perf_counter() - t0, 1)
+    """Run `cmd` unless `done` exists; its wall seconds, kept beside `log` so that a rerun that
+    skips it still reports them (None where they were never measured)."""
+    seconds = log.with_suffix(".seconds")
+    if not done.exists():
+        t0 = time.perf_counter()
+        run(cmd, log)
+        seconds.write_text(f"{time.perf_counter() - t0:.1f}")
+    return float(seconds.read_text()) if seconds.exists() else None
 
 
 def predictions(path: Path) -> dict[str, str]:
@@ -62,7 +65,7 @@ def predictions(path: Path) -> dict[str, str]:
 
 def scgpt(out: Path, seed: int, scratch: bool) -> dict:
     tag = f"{'scratch' if scratch else 'pre'}-{seed}"
-    pre, ft, bundle, pred = out / f"pre-{seed}", out / f"ft-{tag}", out / f"bundle-{tag}", None
+    pre, ft, bundle = out / f"pre-{seed}", out / f"ft-{tag}", out / f"bundle-{tag}"
     seconds = {}
     if not scratch:
         cmd = ["scgpt-train", "pretrain", "--data", str(DATA / "unlabelled"), "--out", str(pre)]
@@ -102,7 +105,7 @@ def zero_shot(pre: Path, kang: ad.AnnData) -> dict[str, float]:
     guess = knn_transfer(x[control], labels[control], x[~control], k=10).predicted_labels
     m = annotation_metrics(labels[~control], guess)
     cosine = knn_probe(x, labels)["probe_mean_cosine"]
-    mixed = integration_metrics(x / np.linalg.norm(x, axis=1, keepdims=True), labels, batch(kang))
+    mixed = integration_metrics(l2_normalize(x), labels, batch(kang))
     return {
         "accuracy": m["accuracy"],
         "macro_f1": m["macro_f1"],
@@ -114,10 +117,6 @@ def zero_shot(pre: Path, kang: ad.AnnData) -> dict[str, float]:
 
 def batch(kang: ad.AnnData) -> np.ndarray:
     return kang.obs["condition"].astype(str).to_numpy()
-
-
-def _stat(values: list[float]) -> dict[str, float]:
-    return {"mean": round(float(np.mean(values)), 4), "sd": round(float(np.std(values)), 4)}
 
 
 def main() -> None:
@@ -141,14 +140,14 @@ def main() -> None:
             m = annotation_metrics(truth, guess)
             scores.append({"accuracy": m["accuracy"], "macro_f1": m["macro_f1"]})
         results[label] = {
-            "accuracy": _stat([s["accuracy"] for s in scores]),
-            "macro_f1": _stat([s["macro_f1"] for s in scores]),
+            "accuracy": stat([s["accuracy"] for s in scores]),
+            "macro_f1": stat([s["macro_f1"] for s in scores]),
             "per_seed": scores,
             "runs": [{k: v for k, v in r.items() if k != "predicted"} for r in runs],
         }
     zero = [zero_shot(args.out / f"pre-{seed}", kang) for seed in range(args.seeds)]
     results["zero-shot 10-NN on the pretrained embeddings"] = {
-        k: _stat([z[k] for z in zero]) for k in zero[0]
+        k: stat([z[k] for z in zero]) for k in zero[0]
     } | {"per_seed": zero}
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))

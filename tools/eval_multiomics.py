@@ -36,7 +36,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from eval_genes import pretrain
-from recipe import run
+from recipe import run, stat
 
 from scgpt_runtime.io import open_counts
 from scgpt_runtime.modalities import feature_names
@@ -270,11 +270,11 @@ def evaluate_file(key: str, out: Path, seeds: list[int]) -> dict:
         per_seed = [(s, embeddings[i % len(embeddings)]) for i, s in enumerate(seeds)]
         scores = [bio(x, labels, s) for s, x in per_seed]
         spear = [float(np.mean(protein_spearman(x, gating, s))) for s, x in per_seed]
-        rows[label] = {**_mean_sd(scores), "protein_spearman": _stat(spear)}
+        rows[label] = {**_mean_sd(scores), "protein_spearman": stat(spear)}
     for label, pairs in views.items():
         rows.setdefault(label, {})["views"] = {
-            "knn_overlap": _stat([knn_overlap(a, b) for a, b in pairs]),
-            "foscttm": None if "PCA" in label else _stat([foscttm(a, b) for a, b in pairs]),
+            "knn_overlap": stat([knn_overlap(a, b) for a, b in pairs]),
+            "foscttm": None if "PCA" in label else stat([foscttm(a, b) for a, b in pairs]),
         }
     wnn = [wnn_clusters(rna, prot, n_labels, s) for s in seeds]
     if wnn[0] is not None:
@@ -293,12 +293,8 @@ def evaluate_file(key: str, out: Path, seeds: list[int]) -> dict:
     }
 
 
-def _stat(values: list[float]) -> dict[str, float]:
-    return {"mean": round(float(np.mean(values)), 4), "sd": round(float(np.std(values)), 4)}
-
-
 def _mean_sd(scores: list[dict[str, float]]) -> dict[str, dict[str, float]]:
-    return {k: _stat([s[k] for s in scores]) for k in scores[0]}
+    return {k: stat([s[k] for s in scores]) for k in scores[0]}
 
 
 def tables(results: dict) -> str:

@@ -1,5 +1,6 @@
-"""The pretraining recipe the evaluation tools share: the default model's (small preset,
-128 tokens of each cell's most expressed genes, lr 1e-3, GEP + GEPC + half-weight MLM)."""
+"""What the evaluation tools share: the default model's pretraining recipe (small preset,
+128 tokens of each cell's most expressed genes, lr 1e-3, GEP + GEPC + half-weight MLM),
+how they run a command, and their mean and sd over seeds."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+
+import numpy as np
 
 PRETRAIN_FILES = (  # the unlabelled human files, in the default model's order
     "unlabelled/liao2020_balf_GSM4339772_C144_filtered_feature_bc_matrix.h5",
@@ -16,6 +19,11 @@ PRETRAIN_FILES = (  # the unlabelled human files, in the default model's order
     "unlabelled/scvi_pbmc_5k_protein_v3_200.h5ad",
 )
 KANG_UNLABELLED = PRETRAIN_FILES[3]  # may hold the labelled Kang file's cells
+
+
+def stat(values: list[float]) -> dict[str, float]:
+    """Mean and standard deviation over seeds, rounded for a results file."""
+    return {"mean": round(float(np.mean(values)), 4), "sd": round(float(np.std(values)), 4)}
 
 
 def run(cmd: list[str], out: Path | None = None) -> str:
