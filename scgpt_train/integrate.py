@@ -27,10 +27,10 @@ from .cells import MISSING, codes_of, load_cells, minibatches
 from .checkpoint import MetricsLog, RunInfo, new_run_dir, save_run, write_json
 from .distributed import resolve_device
 from .epochs import objective_epochs
+from .generative import MASK_VALUE
 from .inference import batch_inputs, codes_tensor
 from .model import ScGPT
 from .objectives import cross_entropy, ecs_loss, masked_mse
-from .pretrain import MASK_VALUE
 from .start import build_model, check_start, run_provenance, start_from
 
 log = logging.getLogger(__name__)

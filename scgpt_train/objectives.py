@@ -6,7 +6,8 @@ Which outputs feed which loss (keys of `ScGPT.forward` / `forward_generative`):
 - generative pretraining: masked_mse(out["gen_pred"], gen_values, ~gen_pad), same for
   out["mvc_gen_pred"]
 - explicit zero heads: masked_bernoulli_nll(out["mlm_nonzero_logits"], values, masked)
-- ECS: ecs_loss(out["cell_emb"]); annotation: cross_entropy(out["cls_output"], labels);
+- ECS: ecs_loss(out["cell_emb"]); two views: info_nce(out["cell_emb"], out["view_emb"]);
+  annotation: cross_entropy(out["cls_output"], labels);
   DAB: cross_entropy(out["dab_output"], batch_labels)
 Loss weights (ECS 10, DAB 1, ...) belong to the training config, not here.
 """
@@ -51,6 +52,16 @@ def ecs_loss(cell_emb: Tensor, threshold: float = 0.8) -> Tensor:
     eye = torch.eye(cos.shape[0], dtype=torch.bool, device=cos.device)
     cos = F.relu(cos.masked_fill(eye, 0.0))
     return torch.mean(1.0 - (cos - threshold) ** 2)
+
+
+def info_nce(a: Tensor, b: Tensor, temperature: float = 0.1) -> Tensor:
+    """Symmetric InfoNCE of two views (B, d) of the same cells: each cell's embedding of one
+    view must be nearer (cosine / temperature) to its own other view than to any other cell's.
+    Unlike ECS it has a floor only where cells are told apart, so it cannot collapse."""
+    a, b = F.normalize(a, p=2, dim=1), F.normalize(b, p=2, dim=1)
+    logits = a @ b.T / temperature  # (B, B)
+    labels = torch.arange(a.shape[0], device=a.device)
+    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
 
 
 def cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:

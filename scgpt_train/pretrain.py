@@ -4,8 +4,13 @@ Each step splits every cell's genes at random into observed tokens (gene + value
 and generated tokens (gene + flag, no value) with a fraction drawn per step from
 `gen_fractions`; the model predicts the generated tokens' binned values from its expression
 decoder (GEP) and from the cell embedding (GEPC). Optionally a share of the observed values is
-masked and predicted as well (masked-value objective, `mlm_weight`). All randomness of a step is
-seeded by (seed, step, rank), so a resumed run repeats an uninterrupted one exactly.
+masked and predicted as well (masked-value objective, `mlm_weight`). Experimental terms, off by
+default (docs/results.md, "Pretraining objectives"): genes the cell does not express queried
+with the target 0 (`unexpressed_ratio`), the explicit-zero heads' P(value > 0)
+(`nonzero_weight`), InfoNCE between two views of each cell (`contrast_weight`) and ECS. All
+randomness of a step is seeded by (seed, step, rank), so a resumed run repeats an uninterrupted
+one exactly; the queried genes and the InfoNCE negatives come from the cells of one process, so
+with these terms a run on several processes differs from one on a single process.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from scgpt_runtime.errors import InputError
@@ -43,15 +49,14 @@ from .checkpoint import (
 )
 from .config import default_lr
 from .data import CellStream, Position, build_vocab, open_sources, validation_cells
+from .generative import add_unexpressed, mask_observed, second_view, split_generative
 from .inference import embed
 from .metrics import knn_probe
 from .model import ModelConfig, ScGPT
 from .monitor import Meter, probe_cells
-from .objectives import ecs_loss
+from .objectives import ecs_loss, info_nce
 
 log = logging.getLogger(__name__)
-
-MASK_VALUE = -1.0  # the official mask_value for masked observed values
 
 
 @dataclass
@@ -73,7 +78,10 @@ class PretrainConfig:
     seed: int = 0
     gen_fractions: tuple[float, ...] = (0.25, 0.5, 0.75)  # the official choices
     mlm_weight: float = 0.5  # the masked-value objective on observed tokens (0 = off; official)
+    unexpressed_ratio: float = 0.0  # unexpressed genes queried per generated gene (0 = official)
+    nonzero_weight: float = 1.0  # of the explicit-zero heads' loss (models with explicit_zero)
     ecs_weight: float = 0.0  # weight of elastic cell similarity on the cell embeddings (0 = off)
+    contrast_weight: float = 0.0  # InfoNCE between a cell's observed and generated genes (0 = off)
     mask_ratio: float = 0.4
     val_fraction: float = 0.05
     val_cells: int = 1000
@@ -94,6 +102,8 @@ class PretrainConfig:
             raise ValueError("batch size, grad accumulation and steps must be at least 1")
         if not all(0 < f < 1 for f in self.gen_fractions):
             raise ValueError("gen fractions must lie in (0, 1)")
+        if self.unexpressed_ratio < 0:
+            raise ValueError("the unexpressed ratio must be >= 0")
         if bool(self.probe_data) != bool(self.probe_label_key):
             raise ValueError("the embedding probe needs both --probe-data and --probe-label-key")
 
@@ -114,55 +124,6 @@ def step_seed(*parts: int) -> int:
     )
 
 
-def split_generative(
-    tokens: TokenBlock, gen_fraction: float, keys: torch.Tensor, pad_id: int, pad_value: float
-) -> dict[str, torch.Tensor]:
-    """Split each cell's genes into observed and generated tokens.
-
-    keys (B, >= L) uniform in [0, 1): a cell's `floor(n * gen_fraction)` genes of smallest key
-    are generated. Both streams keep the genes' order; pads go last.
-    """
-    gene_ids = torch.from_numpy(tokens.gene_ids)  # (B, L)
-    values = torch.from_numpy(tokens.values)  # (B, L)
-    pad = torch.from_numpy(tokens.padding_mask)  # (B, L)
-    n = torch.from_numpy(tokens.n_genes)  # (B,)
-    B, L = gene_ids.shape
-    k = keys[:B, :L].clone()
-    k[:, 0] = -1.0  # <cls> is always observed
-    k[pad] = 2.0
-    rank = k.argsort(dim=1).argsort(dim=1)  # (B, L): 0 for <cls>, 1.. for genes by key
-    n_gen = (n.to(torch.float64) * gen_fraction).floor().to(torch.int64)  # (B,)
-    is_gen = (rank >= 1) & (rank <= n_gen[:, None]) & ~pad
-    # Stable sort by stream: observed, then generated, then pads; order inside kept.
-    stream = torch.where(pad, 2, is_gen.to(torch.int64))
-    order = stream.argsort(dim=1, stable=True)
-    gene_ids, values = gene_ids.gather(1, order), values.gather(1, order)
-    n_obs = 1 + n - n_gen  # (B,) <cls> included
-    Lp, Lg = int(n_obs.max()), max(int(n_gen.max()), 1)
-    pos = torch.arange(L)
-    pcpt_pad = pos[:Lp][None] >= n_obs[:, None]
-    gen_idx = (n_obs[:, None] + torch.arange(Lg)[None]).clamp(max=L - 1)  # (B, Lg)
-    gen_pad = torch.arange(Lg)[None] >= n_gen[:, None]
-    return {
-        "pcpt_gene": gene_ids[:, :Lp].masked_fill(pcpt_pad, pad_id),
-        "pcpt_values": values[:, :Lp].masked_fill(pcpt_pad, pad_value),
-        "pcpt_pad": pcpt_pad,
-        "gen_gene": gene_ids.gather(1, gen_idx).masked_fill(gen_pad, pad_id),
-        "gen_values": values.gather(1, gen_idx).masked_fill(gen_pad, 0.0),
-        "gen_pad": gen_pad,
-    }
-
-
-def mask_observed(batch: dict[str, torch.Tensor], ratio: float, keys: torch.Tensor) -> torch.Tensor:
-    """Replace `ratio` of the observed gene values with MASK_VALUE; returns the masked positions."""
-    pad = batch["pcpt_pad"]
-    masked = (keys[: pad.shape[0], : pad.shape[1]] < ratio) & ~pad
-    masked[:, 0] = False  # never the <cls>
-    batch["pcpt_target"] = batch["pcpt_values"].clone()
-    batch["pcpt_values"] = batch["pcpt_values"].masked_fill(masked, MASK_VALUE)
-    return masked
-
-
 def losses(
     model: torch.nn.Module,
     batch: dict[str, torch.Tensor],
@@ -178,6 +139,7 @@ def losses(
         batch["pcpt_pad"],
         batch["gen_gene"],
         batch["gen_pad"],
+        view=tuple(batch[k] for k in VIEW) if VIEW[0] in batch else None,
     )
     gen = (~batch["gen_pad"]).to(out["gen_pred"].dtype)
     target = batch["gen_values"]
@@ -185,12 +147,25 @@ def losses(
         "gen_mse": (((out["gen_pred"] - target) ** 2) * gen).sum() / norm["gen"],
         "mvc_mse": (((out["mvc_gen_pred"] - target) ** 2) * gen).sum() / norm["gen"],
     }
+    if "mvc_nonzero_logits" in out:  # explicit-zero heads: P(value > 0) of each gen token
+        Lp, expressed = batch["pcpt_gene"].shape[1], (target > 0).to(gen.dtype)
+        for name, key in (
+            ("gen_zero_nll", "mlm_nonzero_logits"),
+            ("mvc_zero_nll", "mvc_nonzero_logits"),
+        ):
+            nll = F.binary_cross_entropy_with_logits(out[key][:, Lp:], expressed, reduction="none")
+            res[name] = (nll * gen).sum() / norm["gen"]
     if masked is not None:
         m = masked.to(out["pcpt_pred"].dtype)
         res["mlm_mse"] = (((out["pcpt_pred"] - batch["pcpt_target"]) ** 2) * m).sum() / norm["mlm"]
     if ecs:
         res["ecs"] = ecs_loss(out["cell_emb"])
+    if "view_emb" in out:
+        res["contrast"] = info_nce(out["cell_emb"], out["view_emb"])
     return res
+
+
+VIEW = ("view_gene", "view_values", "view_pad")
 
 
 class _Generative(torch.nn.Module):
@@ -200,8 +175,13 @@ class _Generative(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, *args: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.model.forward_generative(*args)
+    def forward(
+        self, *args: torch.Tensor, view: tuple[torch.Tensor, ...] | None = None
+    ) -> dict[str, torch.Tensor]:
+        out = self.model.forward_generative(*args)
+        if view is not None:  # the cell embedding of a second view, inside DDP's forward
+            out["view_emb"] = self.model.cell_embedding(*view)
+        return out
 
 
 def pretrain(cfg: PretrainConfig, progress: Callable[..., None] | None = None) -> dict[str, Any]:
@@ -340,6 +320,11 @@ def _micro_step(
     keys = torch.rand(2, cfg.batch_size, tok_cfg.max_seq_len, generator=gen)
     lo = d.rank * (cfg.batch_size // d.world)
     batch = split_generative(tokens, fraction, keys[0, lo:], vocab.pad_id, tok_cfg.pad_value)
+    if cfg.contrast_weight:
+        batch |= second_view(batch)
+    if cfg.unexpressed_ratio:  # drawn from this process's cells (the pool is the batch)
+        pool_gen = torch.Generator().manual_seed(step_seed(cfg.seed, step, micro, d.rank + 1, 1))
+        batch = add_unexpressed(batch, cfg.unexpressed_ratio, pool_gen, vocab.pad_id)
     masked = mask_observed(batch, cfg.mask_ratio, keys[1, lo:]) if cfg.mlm_weight else None
     batch = {k: v.to(d.device) for k, v in batch.items()}
     masked = None if masked is None else masked.to(d.device)
@@ -348,6 +333,10 @@ def _micro_step(
         parts = losses(net, batch, masked, norm, cfg.ecs_weight > 0)
         loss = parts["gen_mse"] + parts["mvc_mse"] + cfg.mlm_weight * parts.get("mlm_mse", 0.0)
         loss = loss + cfg.ecs_weight * parts.get("ecs", 0.0)
+        loss = loss + cfg.contrast_weight * parts.get("contrast", 0.0)
+        loss = loss + cfg.nonzero_weight * (
+            parts.get("gen_zero_nll", 0.0) + parts.get("mvc_zero_nll", 0.0)
+        )
     loss.backward()
     # Each rank's parts are its share of the global mean (see _norms): sum over ranks / world.
     means = {

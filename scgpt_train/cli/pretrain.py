@@ -74,10 +74,31 @@ Examples:
 )
 @option(
     PretrainConfig,
+    "unexpressed_ratio",
+    type=float,
+    help="Genes that other cells of the batch express and a cell does not, queried with the "
+    "target 0, per generated gene (0 = off, the official objective).",
+)
+@option(
+    PretrainConfig,
     "ecs_weight",
     type=float,
     help="Weight of elastic cell similarity (the official ECS term) on the cell embeddings "
     "(0 = off).",
+)
+@option(
+    PretrainConfig,
+    "nonzero_weight",
+    type=float,
+    help="Weight of the explicit-zero heads' loss, P(value > 0) of each generated gene "
+    "(models configured with explicit_zero).",
+)
+@option(
+    PretrainConfig,
+    "contrast_weight",
+    type=float,
+    help="Weight of InfoNCE between the cell embeddings of a cell's observed and generated "
+    "genes (0 = off).",
 )
 @option(PretrainConfig, "val_fraction", type=float)
 @option(PretrainConfig, "eval_every", type=int)

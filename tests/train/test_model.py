@@ -10,7 +10,13 @@ import torch.nn.functional as F
 
 from scgpt_train.decoders import grad_reverse
 from scgpt_train.model import PRESETS, ModelConfig, ScGPT, generative_mask
-from scgpt_train.objectives import cross_entropy, ecs_loss, masked_bernoulli_nll, masked_mse
+from scgpt_train.objectives import (
+    cross_entropy,
+    ecs_loss,
+    info_nce,
+    masked_bernoulli_nll,
+    masked_mse,
+)
 
 N_GENES = 50
 PAD, CLS = N_GENES, N_GENES + 1  # official order: genes, <pad>, <cls>, <eoc>
@@ -339,6 +345,21 @@ def test_ecs_loss_hand_computed():
     assert expected == pytest.approx(0.50030463, abs=1e-8)
     assert ecs_loss(emb, threshold=0.8).item() == pytest.approx(expected, abs=1e-6)
     assert ecs_loss(emb[:2]).item() == pytest.approx((2 * zero_term + 2 * pair_term) / 4, abs=1e-6)
+
+
+def test_info_nce_hand_computed():
+    # all cells alike: every logit equal, each row a uniform softmax over 4 cells -> ln 4
+    same = torch.ones(4, 3)
+    assert info_nce(same, same).item() == pytest.approx(math.log(4), abs=1e-6)
+    # orthogonal cells, each view its own: logits 1/T on the diagonal, 0 elsewhere
+    eye = torch.eye(3) * 5.0  # scale must not matter
+    expected = math.log(1 + 2 * math.exp(-1 / 0.1))
+    # rel 1e-3: a float32 log-softmax of logits near 10 keeps about 4 digits of a 1e-4 loss
+    assert info_nce(eye, eye, 0.1).item() == pytest.approx(expected, rel=1e-3)
+    # views swapped between two cells: the loss is high, and symmetric in its arguments
+    swapped = eye[[1, 0, 2]]
+    assert info_nce(eye, swapped).item() > 5
+    assert info_nce(eye, swapped).item() == pytest.approx(info_nce(swapped, eye).item())
 
 
 def test_masked_losses_hand_computed():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -19,9 +20,10 @@ from scgpt_runtime.tokens import TokenBlock
 from scgpt_train.cells import load_cells
 from scgpt_train.checkpoint import load_run
 from scgpt_train.cli import cli
+from scgpt_train.generative import add_unexpressed, split_generative
 from scgpt_train.inference import embed
 from scgpt_train.metrics import knn_probe
-from scgpt_train.pretrain import PretrainConfig, pretrain, split_generative
+from scgpt_train.pretrain import PretrainConfig, pretrain
 
 KANG = "labelled/kang2018_pbmc_counts.h5ad"
 MOUSE = "unlabelled/smnn_mouse_2batch_900.h5ad"
@@ -56,6 +58,30 @@ def test_split_generative_partitions_each_cell():
         assert b["gen_values"][i][~b["gen_pad"][i]].tolist() == [vals[g] for g in gen]
         assert b["pcpt_values"][i][~b["pcpt_pad"][i]].tolist() == [vals[g] for g in obs]
     assert (b["pcpt_values"][b["pcpt_pad"]] == -2.0).all()
+
+
+def test_add_unexpressed_queries_genes_of_other_cells_with_target_zero():
+    tokens = tokens_of([7, 4, 0, 6])
+    keys = torch.rand(4, 8, generator=torch.Generator().manual_seed(0))
+    b = split_generative(tokens, 0.5, keys, pad_id=0, pad_value=-2.0)
+    out = add_unexpressed(b, 1.5, torch.Generator().manual_seed(1), pad_id=0)
+    held = {i: set(tokens.gene_ids[i][1 : n + 1].tolist()) for i, n in enumerate(tokens.n_genes)}
+    for i in range(len(tokens.n_genes)):
+        before = b["gen_gene"][i][~b["gen_pad"][i]].tolist()
+        after = out["gen_gene"][i][~out["gen_pad"][i]].tolist()
+        values = out["gen_values"][i][~out["gen_pad"][i]].tolist()
+        assert after[: len(before)] == before  # the generated genes stay, first
+        assert values[: len(before)] == b["gen_values"][i][~b["gen_pad"][i]].tolist()
+        new = after[len(before) :]
+        assert len(new) == int(np.floor(len(before) * 1.5))
+        assert len(set(new)) == len(new)
+        assert not set(new) & held[i]
+        assert set(new) <= set().union(*held.values())  # held by another cell of the batch
+        assert values[len(before) :] == [0.0] * len(new)
+        pads = out["gen_pad"][i].tolist()
+        assert pads == sorted(pads)  # pads last
+    assert (out["gen_gene"][out["gen_pad"]] == 0).all()
+    assert torch.equal(out["pcpt_gene"], b["pcpt_gene"])  # observed tokens untouched
 
 
 def config(shared_data, tmp_path, name="run", **kw) -> PretrainConfig:
@@ -404,3 +430,24 @@ def test_ecs_weight_adds_elastic_cell_similarity_to_the_loss(shared_data, tmp_pa
         assert 0 < r["ecs"] <= 1  # a mean of 1 - (relu(cos) - 0.8)^2 over pairs
         # float32 sums of parts near 1e3: about 1e-4 apart from the float64 sum of the logged parts
         assert r["loss"] == pytest.approx(r["gen_mse"] + r["mvc_mse"] + 2.0 * r["ecs"], rel=1e-6)
+
+
+def test_contrast_and_unexpressed_queries_enter_the_loss(shared_data, tmp_path):
+    kw = {"max_steps": 3, "contrast_weight": 3.0, "unexpressed_ratio": 1.0, "mlm_weight": 0.0}
+    pretrain(config(shared_data, tmp_path, **kw))
+    rows = [r for r in metrics(tmp_path / "run") if "loss" in r]
+    assert len(rows) == 3
+    for r in rows:
+        assert 0 < r["contrast"] < 2 * math.log(16)  # InfoNCE over 16 cells starts near ln 16
+        # float32 sums of parts near 1e3: about 1e-4 apart from the float64 sum of the logged parts
+        assert r["loss"] == pytest.approx(
+            r["gen_mse"] + r["mvc_mse"] + 3.0 * r["contrast"], rel=1e-6
+        )
+    plain = [r for r in metrics(pretrain_run(shared_data, tmp_path)) if "loss" in r]
+    # the queried unexpressed genes (target 0) are in the generative loss: it differs
+    assert rows[0]["gen_mse"] != pytest.approx(plain[0]["gen_mse"], rel=1e-3)
+
+
+def pretrain_run(shared_data, tmp_path):
+    pretrain(config(shared_data, tmp_path, name="plain", max_steps=1, mlm_weight=0.0))
+    return tmp_path / "plain"
