@@ -83,7 +83,7 @@ def add_unexpressed(
     n_gen = (~batch["gen_pad"]).sum(1)
     n_new = torch.minimum((n_gen.to(torch.float64) * ratio).floor().long(), (~present).sum(1))
     keys = torch.rand(B, U, generator=generator).masked_fill(present, 2.0)
-    K = max(int(n_new.max()) if B else 0, 0)
+    K = int(n_new.max()) if B else 0
     new = pool[keys.argsort(dim=1)[:, :K]]  # (B, K): candidates first, in random order
     new_pad = torch.arange(K)[None] >= n_new[:, None]
     gen_gene = torch.cat([batch["gen_gene"], new.masked_fill(new_pad, pad_id)], dim=1)

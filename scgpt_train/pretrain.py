@@ -6,8 +6,9 @@ and generated tokens (gene + flag, no value) with a fraction drawn per step from
 decoder (GEP) and from the cell embedding (GEPC). Optionally a share of the observed values is
 masked and predicted as well (masked-value objective, `mlm_weight`). Experimental terms, off by
 default (docs/results.md, "Pretraining objectives"): genes the cell does not express queried
-with the target 0 (`unexpressed_ratio`), the explicit-zero heads' P(value > 0)
-(`nonzero_weight`), InfoNCE between two views of each cell (`contrast_weight`) and ECS. All
+with the target 0 (`unexpressed_ratio`), InfoNCE between two views of each cell
+(`contrast_weight`) and ECS; a model built with explicit_zero also trains its P(value > 0)
+heads (`nonzero_weight`). All
 randomness of a step is seeded by (seed, step, rank), so a resumed run repeats an uninterrupted
 one exactly; the queried genes and the InfoNCE negatives come from the cells of one process, so
 with these terms a run on several processes differs from one on a single process.

@@ -9,7 +9,7 @@ MLM) for --steps steps with one extra option, one thread per run, --jobs runs at
 Scored on Kang, beside HVG + PCA in the same run: the probe logged during pretraining
 (leave-one-out 10-NN macro-F1 on the control cells, and the mean cosine), and, on the last
 weights, 10-NN from control to stimulated cells and integration AvgBIO
-(tools/eval_cli_defaults.py's zero-shot). Runs whose weights exist are not repeated. Results:
+(tools/eval_cli_defaults.py's zero-shot). Finished runs (summary.json) are not repeated. Results:
 OUT/results.json.
 """
 
