@@ -1,6 +1,7 @@
 """Which pretraining objective keeps cell identity? A screen of short pretrainings on Kang.
 
     python tools/eval_objectives.py --out build/objectives [--seeds 1] [--steps 600] [--jobs 2]
+        [--variants default,unexpressed-1]
 
 Each variant pretrains the CLI default (small preset, every unlabelled file, GEP + GEPC + half
 MLM) for --steps steps with one extra option, one thread per run, --jobs runs at a time:
@@ -9,8 +10,9 @@ MLM) for --steps steps with one extra option, one thread per run, --jobs runs at
 Scored on Kang, beside HVG + PCA in the same run: the probe logged during pretraining
 (leave-one-out 10-NN macro-F1 on the control cells, and the mean cosine), and, on the last
 weights, 10-NN from control to stimulated cells and integration AvgBIO
-(tools/eval_cli_defaults.py's zero-shot). Finished runs (summary.json) are not repeated. Results:
-OUT/results.json.
+(tools/eval_cli_defaults.py's zero-shot). A baseline of the input alone: PCA(20) of which genes
+each cell expresses (0/1), probed and transferred the same way. Finished runs (summary.json)
+are not repeated. Results: OUT/results.json.
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import anndata as ad
+import numpy as np
+import scipy.sparse as sp
+from sklearn.decomposition import PCA
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from eval_cli_defaults import DATA, KANG, batch, zero_shot
@@ -31,7 +36,7 @@ from evaluate import annotation_baselines, hvg_pca
 from recipe import stat
 
 from scgpt_train.checkpoint import read_metrics
-from scgpt_train.metrics import integration_metrics, knn_probe
+from scgpt_train.metrics import annotation_metrics, integration_metrics, knn_probe, knn_transfer
 
 ZERO_HEADS = ["--config", "explicit-zero.json"]  # written into OUT: the P(value > 0) heads
 VARIANTS = {
@@ -63,16 +68,32 @@ def probe_curve(run: Path) -> list[dict]:
     return [{k: r[k] for k in keys} for r in read_metrics(run) if "probe_knn_macro_f1" in r]
 
 
+def presence_pca(kang: ad.AnnData, labels: np.ndarray, control: np.ndarray) -> dict:
+    """PCA(20) of each cell's 0/1 expressed genes: how much identity the bag of genes holds."""
+    x = PCA(20, random_state=0).fit_transform(
+        (sp.csr_matrix(kang.X) > 0).astype(np.float32).toarray()
+    )
+    guess = knn_transfer(x[control], labels[control], x[~control], k=10).predicted_labels
+    return {
+        "probe": knn_probe(x[control], labels[control])["probe_knn_macro_f1"],
+        "transfer_macro_f1": annotation_metrics(labels[~control], guess)["macro_f1"],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("build/objectives"))
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names")
     args = parser.parse_args()
+    names = args.variants.split(",")
+    if unknown := set(names) - set(VARIANTS):
+        parser.error(f"unknown variants: {', '.join(sorted(unknown))}")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / ZERO_HEADS[1]).write_text(json.dumps({"model": {"explicit_zero": True}}))
-    runs = [(name, seed) for name in VARIANTS for seed in range(args.seeds)]
+    runs = [(name, seed) for name in names for seed in range(args.seeds)]
     with ThreadPoolExecutor(args.jobs) as pool:
         done = [
             pool.submit(pretrain, args.out / f"{n}-{s}", VARIANTS[n], s, args.steps)
@@ -90,8 +111,9 @@ def main() -> None:
         "baselines": annotation_baselines(control, stimulated, "cell_type"),
         "HVG + PCA probe": knn_probe(pca[is_control], labels[is_control]),
         "HVG + PCA integration": integration_metrics(pca, labels, batch(kang)),
+        "presence PCA(20)": presence_pca(kang, labels, is_control),
     }
-    for name in VARIANTS:
+    for name in names:
         seeds = [args.out / f"{name}-{s}" for s in range(args.seeds)]
         zero = [zero_shot(run, kang) for run in seeds]
         curves = [probe_curve(run) for run in seeds]
