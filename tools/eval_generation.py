@@ -5,7 +5,7 @@ generators, on held-out cells, 3 sampling seeds.
     python tools/eval_generation.py --out build/generation [--seeds 0 1 2] [--tables]
 
 Split: Kang's cells 80/20, stratified by cell type, seed 0 (OUT/kang_train.h5ad,
-OUT/kang_test.h5ad). Runs (2,000 steps, small preset, the default model's recipe, seed 0):
+OUT/kang_test.h5ad). Runs (2,000 steps, small preset, tools/recipe.py's pretraining, seed 0):
 "pretrained" on the unlabelled Liao and PBMC files plus the training cells (never the test
 cells; the unlabelled Kang file is left out since it may hold them), "scratch" on the training
 cells alone. Genes: the 1,000 most variable of the training cells; values log1p(CP10k).

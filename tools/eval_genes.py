@@ -3,7 +3,7 @@ scGPT pretrained and random-initialised against co-expression and controls, 3 se
 
     python tools/eval_genes.py --out build/genes [--seeds 0 1 2] [--tables]
 
-Pretrained runs OUT/pretrained-seed{S}: the small preset, the default model's recipe on the
+Pretrained runs OUT/pretrained-seed{S}: the small preset, tools/recipe.py's pretraining on the
 unlabelled files with the Kang vocabulary, 2,000 steps (pretrained first where missing). The
 random-initialised model of seed S is the same configuration, initialised with seed S and never
 trained. Every score is computed in one run on the same cells (all Kang cells, log1p(CP10k)):

@@ -40,7 +40,7 @@ METRICS = ("pearson_delta", "pearson_de_delta", "systema_delta", "centroid_accur
 
 
 def pretrain(work: Path, steps: int) -> Path:
-    """The pretrained run: small preset, the default model's recipe, a vocabulary covering
+    """The pretrained run: small preset, tools/recipe.py's pretraining, a vocabulary covering
     the screen."""
     names: list[str] = []
     for f in (PRETRAIN_FILES[0], str(SCREEN.relative_to(DATA))):

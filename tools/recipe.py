@@ -1,4 +1,4 @@
-"""What the evaluation tools share: the default model's pretraining recipe (small preset,
+"""What the evaluation tools share: the previous default model's pretraining recipe (small preset,
 128 tokens of each cell's most expressed genes, lr 1e-3, GEP + GEPC + half-weight MLM),
 how they run a command, and their mean and sd over seeds."""
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-PRETRAIN_FILES = (  # the unlabelled human files, in the default model's order
+PRETRAIN_FILES = (  # the unlabelled human files, in the previous default model's order
     "unlabelled/liao2020_balf_GSM4339772_C144_filtered_feature_bc_matrix.h5",
     "unlabelled/liao2020_balf_GSM4339774_C146_filtered_feature_bc_matrix.h5",
     "unlabelled/liao2020_balf_GSM4475052_C149_filtered_feature_bc_matrix.h5",

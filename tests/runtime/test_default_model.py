@@ -12,6 +12,7 @@ from scgpt_runtime.bundle import load_bundle
 from scgpt_runtime.served import default_bundle
 
 ROOT = Path(__file__).resolve().parents[2]
+PARAMETERS = 528_583  # the small preset with a 7-class head, as the card says
 KANG_TYPES = ["B", "CD14+Mono", "CD4T", "CD8T", "Dendritic", "FCGR3A+Mono", "NK"]
 
 
@@ -22,18 +23,11 @@ def test_default_model_is_installed_intact_and_small():
     assert sum(f.stat().st_size for f in path.iterdir()) <= 25_000_000
     assert bundle.labels == KANG_TYPES
     assert bundle.precisions == ["fp32", "fp16"]
-    finetuning = bundle.config["provenance"]["training"]
-    pretraining = finetuning["from_run_provenance"]
-    assert [Path(d["file"]).name for d in finetuning["data"]] == ["kang2018_pbmc_counts.h5ad"]
-    assert "--where condition=control" in finetuning["command"]
-    # the quickstart sample and the file holding the held-out cells stay out of pretraining
-    assert sorted(Path(d["file"]).name for d in pretraining["data"]) == [
-        "harmony_kang2018_ctrl_stim_2000.h5ad",
-        "liao2020_balf_GSM4339772_C144_filtered_feature_bc_matrix.h5",
-        "liao2020_balf_GSM4339774_C146_filtered_feature_bc_matrix.h5",
-        "liao2020_balf_GSM4475052_C149_filtered_feature_bc_matrix.h5",
-        "scvi_pbmc_5k_protein_v3_200.h5ad",
-    ]
+    training = bundle.config["provenance"]["training"]
+    assert [Path(d["file"]).name for d in training["data"]] == ["kang2018_pbmc_counts.h5ad"]
+    # from random weights, on the control cells only: the stimulated cells stay held out
+    assert training["from_run"] is None and "--from-scratch" in training["command"]
+    assert "--where condition=control" in training["command"]
     evaluation = {e["precision"]: e for e in bundle.evaluation}
     assert sorted(evaluation) == ["fp16", "fp32"]
     for e in evaluation.values():
@@ -42,15 +36,14 @@ def test_default_model_is_installed_intact_and_small():
         assert e["ece"] < e["ece_uncalibrated"]  # recorded as served and without the temperature
 
 
-def test_default_model_is_format_2_with_the_format_1_graphs_and_a_fitted_temperature():
+def test_default_model_is_format_2_with_a_fitted_temperature_and_gene_embeddings():
     bundle = load_bundle(default_bundle())
     assert bundle.config["format_version"] == 2
-    assert bundle.parameters == 528_583
-    upgrade = bundle.config["provenance"]["upgrade"]
-    assert upgrade["from_format"] == 1  # tools/upgrade_default_model.py checked the outputs
+    assert bundle.parameters == PARAMETERS
     calibration = bundle.config["calibration"]
     assert calibration["n_cells"] == 94  # the fine-tuning's validation cells
     assert bundle.temperature == calibration["temperature"] > 0
+    assert bundle.config["genes"]["shape"] == [len(bundle.vocab), 64]  # for `scgpt-run genes`
 
 
 def test_model_card_quotes_the_recorded_figures():
