@@ -16,8 +16,10 @@ cells: logistic regression and PCA(50) + 10-NN on log1p(CP10k) fit on the 936 co
 L2-normalised <cls> embeddings of all Kang cells: 10-NN from the control to the stimulated cells
 (majority vote, as the official reference mapping) and the mean cosine between two cells (near
 1: collapsed), and its integration of control and stimulated (AvgBIO, AvgBATCH) beside
-HVG + PCA (tools/evaluate.py's). Each stage is skipped where its output exists. Results:
-OUT/results.json, with each command's wall time.
+HVG + PCA (tools/evaluate.py's). The same fine-tuning, export and annotation (from each
+pretrained run and from scratch) on Tabula Muris: trained on tools/evaluate.py's stratified 70%
+(seed 0), scored on the other 30%, beside the same baselines. Each stage is skipped where its
+output exists. Results: OUT/results.json, with each command's wall time.
 """
 
 from __future__ import annotations
@@ -28,13 +30,14 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import anndata as ad
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from evaluate import annotation_baselines, hvg_pca
+from evaluate import _split_file, annotation_baselines, hvg_pca
 from recipe import run, stat
 
 from scgpt_runtime.knn import l2_normalize
@@ -63,20 +66,57 @@ def predictions(path: Path) -> dict[str, str]:
         return {row["cell"]: row["predicted_labels"] for row in csv.DictReader(f)}
 
 
-def scgpt(out: Path, seed: int, scratch: bool) -> dict:
-    tag = f"{'scratch' if scratch else 'pre'}-{seed}"
-    pre, ft, bundle = out / f"pre-{seed}", out / f"ft-{tag}", out / f"bundle-{tag}"
+@dataclass(frozen=True)
+class Task:
+    """Fine-tune on `train` (rows `where`), predict every cell of `test`, score `test_where`."""
+
+    name: str  # prefix of the run names ("" for Kang, whose runs came first)
+    pretrain: tuple[Path, ...]  # unlabelled cells (of the task's species)
+    train: Path
+    test: Path
+    where: tuple[str, ...] = ()
+    test_where: tuple[str, str] | None = None
+
+
+def tasks(out: Path) -> dict[str, Task]:
+    """Kang control -> stimulated, and Tabula Muris's stratified 70/30 split (seed 0)."""
+    tm = out / "data" / "tabula_muris"
+    if not (tm.parent / "tabula_muris_test.h5ad").exists():
+        tm.parent.mkdir(parents=True, exist_ok=True)
+        _split_file(DATA / "labelled" / "tabula_muris_actinn_1000.h5ad", tm, "cell_type")
+    return {
+        "kang": Task(
+            "",
+            (DATA / "unlabelled",),
+            KANG,
+            KANG,
+            ("--where", "condition=control"),
+            ("condition", "stimulated"),
+        ),
+        "tabula_muris": Task(
+            "tm-",
+            (DATA / "unlabelled" / "smnn_mouse_2batch_900.h5ad", tm.with_suffix(".h5ad")),
+            tm.parent / "tabula_muris_train.h5ad",
+            tm.parent / "tabula_muris_test.h5ad",
+        ),
+    }
+
+
+def scgpt(out: Path, seed: int, scratch: bool, task: Task) -> dict:
+    tag = f"{task.name}{'scratch' if scratch else 'pre'}-{seed}"
+    pre = out / f"pre-{task.name}{seed}"
+    ft, bundle = out / f"ft-{tag}", out / f"bundle-{tag}"
     seconds = {}
     if not scratch:
-        cmd = ["scgpt-train", "pretrain", "--data", str(DATA / "unlabelled"), "--out", str(pre)]
+        cmd = ["scgpt-train", "pretrain", *(a for f in task.pretrain for a in ("--data", str(f)))]
         seconds["pretrain"] = timed(
-            [*cmd, "--seed", str(seed), "--overwrite", "--json"],
+            [*cmd, "--out", str(pre), "--seed", str(seed), "--overwrite", "--json"],
             pre / "summary.json",
-            out / f"pre-{seed}.json",
+            pre.with_suffix(".json"),
         )
     start = ["--from-scratch"] if scratch else ["--from", str(pre)]
-    cmd = ["scgpt-train", "finetune", "annotate", *start, "--data", str(KANG)]
-    cmd += ["--where", "condition=control", "--label-key", "cell_type", "--out", str(ft)]
+    cmd = ["scgpt-train", "finetune", "annotate", *start, "--data", str(task.train), *task.where]
+    cmd += ["--label-key", "cell_type", "--out", str(ft)]
     seconds["finetune"] = timed(
         [*cmd, "--seed", str(seed), "--overwrite", "--json"],
         ft / "summary.json",
@@ -85,7 +125,7 @@ def scgpt(out: Path, seed: int, scratch: bool) -> dict:
     cmd = ["scgpt-train", "export", str(ft), "--out", str(bundle), "--overwrite", "--json"]
     seconds["export"] = timed(cmd, bundle / "config.json", out / f"export-{tag}.json")
     pred = out / f"pred-{tag}.csv"
-    cmd = ["scgpt-run", "annotate", str(KANG), "--model", str(bundle), "--out", str(pred)]
+    cmd = ["scgpt-run", "annotate", str(task.test), "--model", str(bundle), "--out", str(pred)]
     seconds["annotate"] = timed([*cmd, "--overwrite"], pred, out / f"annotate-{tag}.log")
     summary = json.loads((ft / "summary.json").read_text())
     return {
@@ -93,6 +133,32 @@ def scgpt(out: Path, seed: int, scratch: bool) -> dict:
         "seconds": seconds,
         "finetune": {k: summary.get(k) for k in ("epochs_run", "best_epoch", "val_macro_f1")},
     }
+
+
+def score_task(out: Path, seeds: int, task: Task) -> dict:
+    """Baselines and scGPT (pretrained and from scratch) on one task's test cells."""
+    train, test = ad.read_h5ad(task.train), ad.read_h5ad(task.test)
+    if task.where:
+        key, value = task.where[1].split("=")
+        train = train[train.obs[key].astype(str) == value]
+    if task.test_where:
+        test = test[test.obs[task.test_where[0]].astype(str) == task.test_where[1]]
+    truth = test.obs["cell_type"].astype(str).to_numpy()
+    results: dict = {"baselines": annotation_baselines(train, test, "cell_type")}
+    for label, scratch in (("pretrained + fine-tuned", False), ("fine-tuned from scratch", True)):
+        runs = [scgpt(out, seed, scratch, task) for seed in range(seeds)]
+        scores = []
+        for r in runs:
+            guess = np.asarray([r["predicted"][c] for c in test.obs_names])
+            m = annotation_metrics(truth, guess)
+            scores.append({"accuracy": m["accuracy"], "macro_f1": m["macro_f1"]})
+        results[label] = {
+            "accuracy": stat([s["accuracy"] for s in scores]),
+            "macro_f1": stat([s["macro_f1"] for s in scores]),
+            "per_seed": scores,
+            "runs": [{k: v for k, v in r.items() if k != "predicted"} for r in runs],
+        }
+    return results
 
 
 def zero_shot(pre: Path, kang: ad.AnnData) -> dict[str, float]:
@@ -126,25 +192,11 @@ def main() -> None:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     kang = ad.read_h5ad(KANG)
-    control = kang[kang.obs["condition"] == "control"]
-    stimulated = kang[kang.obs["condition"] == "stimulated"]
-    truth = stimulated.obs["cell_type"].astype(str).to_numpy()
-    results: dict = {"baselines": annotation_baselines(control, stimulated, "cell_type")}
     labels = kang.obs["cell_type"].astype(str).to_numpy()
+    all_tasks = tasks(args.out)
+    results: dict = score_task(args.out, args.seeds, all_tasks["kang"])
     results["HVG + PCA integration"] = integration_metrics(hvg_pca(kang), labels, batch(kang))
-    for label, scratch in (("pretrained + fine-tuned", False), ("fine-tuned from scratch", True)):
-        runs = [scgpt(args.out, seed, scratch) for seed in range(args.seeds)]
-        scores = []
-        for r in runs:
-            guess = np.asarray([r["predicted"][c] for c in stimulated.obs_names])
-            m = annotation_metrics(truth, guess)
-            scores.append({"accuracy": m["accuracy"], "macro_f1": m["macro_f1"]})
-        results[label] = {
-            "accuracy": stat([s["accuracy"] for s in scores]),
-            "macro_f1": stat([s["macro_f1"] for s in scores]),
-            "per_seed": scores,
-            "runs": [{k: v for k, v in r.items() if k != "predicted"} for r in runs],
-        }
+    results["tabula_muris"] = score_task(args.out, args.seeds, all_tasks["tabula_muris"])
     zero = [zero_shot(args.out / f"pre-{seed}", kang) for seed in range(args.seeds)]
     results["zero-shot 10-NN on the pretrained embeddings"] = {
         k: stat([z[k] for z in zero]) for k in zero[0]

@@ -26,7 +26,8 @@ def test_default_model_is_installed_intact_and_small():
     training = bundle.config["provenance"]["training"]
     assert [Path(d["file"]).name for d in training["data"]] == ["kang2018_pbmc_counts.h5ad"]
     # from random weights, on the control cells only: the stimulated cells stay held out
-    assert training["from_run"] is None and "--from-scratch" in training["command"]
+    assert training["from_run"] is None
+    assert "--from-scratch" in training["command"]
     assert "--where condition=control" in training["command"]
     evaluation = {e["precision"]: e for e in bundle.evaluation}
     assert sorted(evaluation) == ["fp16", "fp32"]
