@@ -68,13 +68,14 @@ def predictions(path: Path) -> dict[str, str]:
 
 @dataclass(frozen=True)
 class Task:
-    """Fine-tune on `train` (rows `where`), predict every cell of `test`, score `test_where`."""
+    """Fine-tune on `train` (rows obs[key] == value of `where`), predict every cell of `test`,
+    score those of `test_where`."""
 
     name: str  # prefix of the run names ("" for Kang, whose runs came first)
     pretrain: tuple[Path, ...]  # unlabelled cells (of the task's species)
     train: Path
     test: Path
-    where: tuple[str, ...] = ()
+    where: tuple[str, str] | None = None
     test_where: tuple[str, str] | None = None
 
 
@@ -90,7 +91,7 @@ def tasks(out: Path) -> dict[str, Task]:
             (DATA / "unlabelled",),
             KANG,
             KANG,
-            ("--where", "condition=control"),
+            ("condition", "control"),
             ("condition", "stimulated"),
         ),
         "tabula_muris": Task(
@@ -115,7 +116,8 @@ def scgpt(out: Path, seed: int, scratch: bool, task: Task) -> dict:
             pre.with_suffix(".json"),
         )
     start = ["--from-scratch"] if scratch else ["--from", str(pre)]
-    cmd = ["scgpt-train", "finetune", "annotate", *start, "--data", str(task.train), *task.where]
+    cmd = ["scgpt-train", "finetune", "annotate", *start, "--data", str(task.train)]
+    cmd += ["--where", "=".join(task.where)] if task.where else []
     cmd += ["--label-key", "cell_type", "--out", str(ft)]
     seconds["finetune"] = timed(
         [*cmd, "--seed", str(seed), "--overwrite", "--json"],
@@ -135,14 +137,17 @@ def scgpt(out: Path, seed: int, scratch: bool, task: Task) -> dict:
     }
 
 
+def rows(adata: ad.AnnData, where: tuple[str, str] | None) -> ad.AnnData:
+    """The cells with obs[key] == value (all without a filter)."""
+    return adata if where is None else adata[adata.obs[where[0]].astype(str) == where[1]]
+
+
 def score_task(out: Path, seeds: int, task: Task) -> dict:
     """Baselines and scGPT (pretrained and from scratch) on one task's test cells."""
-    train, test = ad.read_h5ad(task.train), ad.read_h5ad(task.test)
-    if task.where:
-        key, value = task.where[1].split("=")
-        train = train[train.obs[key].astype(str) == value]
-    if task.test_where:
-        test = test[test.obs[task.test_where[0]].astype(str) == task.test_where[1]]
+    train, test = (
+        rows(ad.read_h5ad(task.train), task.where),
+        rows(ad.read_h5ad(task.test), task.test_where),
+    )
     truth = test.obs["cell_type"].astype(str).to_numpy()
     results: dict = {"baselines": annotation_baselines(train, test, "cell_type")}
     for label, scratch in (("pretrained + fine-tuned", False), ("fine-tuned from scratch", True)):
