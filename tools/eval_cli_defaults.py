@@ -173,8 +173,7 @@ def zero_shot(pre: Path, kang: ad.AnnData) -> dict[str, float]:
     x = embed(model, cells.tokens)
     control = (kang.obs["condition"] == "control").to_numpy()
     labels = kang.obs["cell_type"].astype(str).to_numpy()
-    guess = knn_transfer(x[control], labels[control], x[~control], k=10).predicted_labels
-    m = annotation_metrics(labels[~control], guess)
+    m = transfer(x, labels, control)
     cosine = knn_probe(x, labels)["probe_mean_cosine"]
     mixed = integration_metrics(l2_normalize(x), labels, batch(kang))
     return {
@@ -184,6 +183,12 @@ def zero_shot(pre: Path, kang: ad.AnnData) -> dict[str, float]:
         "avg_bio": mixed["avg_bio"],
         "avg_batch": mixed["avg_batch"],
     }
+
+
+def transfer(x: np.ndarray, labels: np.ndarray, control: np.ndarray) -> dict:
+    """Annotation metrics of 10-NN (majority vote) from the control cells to the others."""
+    guess = knn_transfer(x[control], labels[control], x[~control], k=10).predicted_labels
+    return annotation_metrics(labels[~control], guess)
 
 
 def batch(kang: ad.AnnData) -> np.ndarray:

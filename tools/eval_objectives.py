@@ -31,12 +31,12 @@ import scipy.sparse as sp
 from sklearn.decomposition import PCA
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from eval_cli_defaults import DATA, KANG, batch, zero_shot
+from eval_cli_defaults import DATA, KANG, batch, transfer, zero_shot
 from evaluate import annotation_baselines, hvg_pca
 from recipe import stat
 
 from scgpt_train.checkpoint import read_metrics
-from scgpt_train.metrics import annotation_metrics, integration_metrics, knn_probe, knn_transfer
+from scgpt_train.metrics import integration_metrics, knn_probe
 
 ZERO_HEADS = ["--config", "explicit-zero.json"]  # written into OUT: the P(value > 0) heads
 VARIANTS = {
@@ -73,10 +73,9 @@ def presence_pca(kang: ad.AnnData, labels: np.ndarray, control: np.ndarray) -> d
     x = PCA(20, random_state=0).fit_transform(
         (sp.csr_matrix(kang.X) > 0).astype(np.float32).toarray()
     )
-    guess = knn_transfer(x[control], labels[control], x[~control], k=10).predicted_labels
     return {
         "probe": knn_probe(x[control], labels[control])["probe_knn_macro_f1"],
-        "transfer_macro_f1": annotation_metrics(labels[~control], guess)["macro_f1"],
+        "transfer_macro_f1": transfer(x, labels, control)["macro_f1"],
     }
 
 
