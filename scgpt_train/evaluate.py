@@ -36,7 +36,8 @@ class EvaluateConfig:
     run: str | None = None  # a run directory (PyTorch) ...
     bundle: str | None = None  # ... or a model bundle, served by the runtime
     precision: str = "auto"  # of the bundle's graphs
-    record: bool = False  # store the bundle's metrics in its config.json
+    record: bool = False  # store the bundle's metrics in its evaluation.json
+    record_into: str | None = None  # ... or in another bundle's: the held-out build of a model
     where: tuple[str, ...] = ()
     batch_key: str | None = None  # integration metrics; needed to embed with a DSBN model
     reference: list[str] = field(default_factory=list)  # labelled files for kNN transfer
@@ -57,8 +58,10 @@ class EvaluateConfig:
             raise ValueError(f"k must be at least 1, got {self.k}")
         if (self.run is None) == (self.bundle is None):
             raise ValueError("give either --from RUN or --bundle BUNDLE")
-        if self.bundle is None and self.record:
+        if self.bundle is None and (self.record or self.record_into):
             raise ValueError("--record stores metrics in a bundle: it needs --bundle")
+        if self.record and self.record_into:
+            raise ValueError("give either --record or --record-into BUNDLE, not both")
         if self.bundle is not None and (self.reference or self.batch_key):
             raise ValueError(
                 "--bundle scores the cell-type head; --reference and --batch-key need --from RUN"
@@ -119,25 +122,25 @@ def evaluate_bundle(cfg: EvaluateConfig) -> tuple[dict[str, Any], EvaluatedCells
     if cfg.predictions:
         per_cell = {"predicted_labels": pred_all, "conf_score": np.concatenate(conf)}
         _write_predictions(Path(cfg.predictions), np.concatenate(names), truth_all, per_cell)
-    if cfg.record:
-        record_evaluation(
-            cfg.bundle,
-            {
-                "data": [Path(p).name for p in cfg.data],
-                "data_sha256": [sha256_file(Path(p)) for p in cfg.data],
-                "where": list(cfg.where),
-                "label_key": cfg.label_key,
-                "precision": model.precision,
-                "execution_provider": model.provider,
-                "n_cells": metrics["n_cells"],
-                "accuracy": metrics["accuracy"],
-                "macro_f1": metrics["macro_f1"],
-                "per_class_f1": metrics["per_class_f1"],
-                "ece": metrics["ece"],
-                "ece_uncalibrated": metrics["ece_uncalibrated"],
-                "created": created(),
-            },
-        )
+    if cfg.record or cfg.record_into:
+        entry = {
+            "data": [Path(p).name for p in cfg.data],
+            "data_sha256": [sha256_file(Path(p)) for p in cfg.data],
+            "where": list(cfg.where),
+            "label_key": cfg.label_key,
+            "precision": model.precision,
+            "execution_provider": model.provider,
+            "n_cells": metrics["n_cells"],
+            "accuracy": metrics["accuracy"],
+            "macro_f1": metrics["macro_f1"],
+            "per_class_f1": metrics["per_class_f1"],
+            "ece": metrics["ece"],
+            "ece_uncalibrated": metrics["ece_uncalibrated"],
+            "created": created(),
+        }
+        if cfg.record_into:
+            entry["measured_on"] = _held_out_build(model.bundle, cfg.record_into)
+        record_evaluation(cfg.record_into or cfg.bundle, entry)
     cells = EvaluatedCells(
         truth_all,
         {"classifier": pred_all},
@@ -145,6 +148,21 @@ def evaluate_bundle(cfg: EvaluateConfig) -> tuple[dict[str, Any], EvaluatedCells
         np.concatenate(emb),
     )
     return res, cells
+
+
+def _held_out_build(measured: Any, target: str) -> dict[str, Any]:
+    """What a record of `target` says about the bundle it was measured on: a build of the
+    same head that kept the scored cells out (section 9 of docs/bundle-format.md)."""
+    from scgpt_runtime.bundle import load_bundle
+
+    other = load_bundle(target)
+    if other.labels != measured.labels:
+        raise InputError(
+            f"{target}: its labels {other.labels} differ from {measured.path}'s "
+            f"{measured.labels}; a held-out figure is recorded only into a build of the same head"
+        )
+    training = measured.config.get("provenance", {}).get("training", {})
+    return {"bundle_sha256": measured.sha256, "training_command": training.get("command")}
 
 
 def _calibration(probs: np.ndarray, truth: np.ndarray, model: Any) -> dict[str, Any]:

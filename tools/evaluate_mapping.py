@@ -1,8 +1,11 @@
 """Reference mapping on Kang PBMC beside the baselines: reference = the control cells, query =
-the interferon-stimulated cells, with the default model and with small models fine-tuned from
-scratch on the control cells (three seeds); and the Unknown threshold on validation cells.
+the interferon-stimulated cells, with the default model's held-out build (its recipe on the
+control cells only: tools/build_default_model.sh writes it to WORK_DIR/heldout; the shipped
+model trained on the stimulated cells too) and with small models fine-tuned from scratch on the
+control cells (three seeds); and the Unknown threshold on validation cells.
 
-    python tools/evaluate_mapping.py [--work /tmp/eval-mapping] [--seeds 0,1,2] [--json OUT]
+    python tools/evaluate_mapping.py [--held-out-build build/default-model/heldout]
+        [--work /tmp/eval-mapping] [--seeds 0,1,2] [--json OUT]
 
 For each bundle: `scgpt-run`'s reference mapping (runtime API: k = 10 majority vote on the
 bundle's L2-normalised embeddings) with Unknown off and at the defaults (vote share below
@@ -31,7 +34,6 @@ from sklearn.model_selection import train_test_split
 
 from scgpt_runtime import Model
 from scgpt_runtime.results import UNKNOWN, temperature_scaled
-from scgpt_runtime.served import default_bundle
 from scgpt_train.calibration import expected_calibration_error
 from scgpt_train.metrics import annotation_metrics
 
@@ -113,10 +115,13 @@ def head(model: Model, query: ad.AnnData) -> dict[str, Any]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--held-out-build", type=Path, default=Path("build/default-model/heldout"))
     p.add_argument("--work", type=Path, default=Path("/tmp/eval-mapping"))
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
+    if not args.held_out_build.is_dir():
+        p.error(f"{args.held_out_build}: no bundle; run tools/build_default_model.sh first")
     args.work.mkdir(parents=True, exist_ok=True)
     kang = ad.read_h5ad(KANG)
     control = kang[kang.obs["condition"] == "control"].copy()
@@ -124,7 +129,7 @@ def main() -> None:
     fit, val = train_test_split(
         np.arange(control.n_obs), test_size=0.2, random_state=0, stratify=control.obs["cell_type"]
     )
-    bundles = {"default model": default_bundle()}
+    bundles = {"default model, held-out build": args.held_out_build}
     bundles |= {
         f"scratch seed {s}": train_scratch(args.work, int(s)) for s in args.seeds.split(",")
     }

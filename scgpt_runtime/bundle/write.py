@@ -188,14 +188,16 @@ def _write_files(
 
 
 def record_evaluation(path: str | Path, entry: Mapping[str, Any]) -> None:
-    """Add `entry` (held-out metrics measured on this bundle) to its evaluation.json,
-    replacing an entry on the same data, filters, labels and precision. Only that file is
-    written (atomically): config.json, the graphs and the bundle's identity stay as they are."""
+    """Add `entry` (held-out metrics measured on this bundle, or on its held-out build where
+    the entry has `measured_on`) to its evaluation.json, replacing an entry of the same kind on
+    the same data, filters, labels and precision. Only that file is written (atomically):
+    config.json, the graphs and the bundle's identity stay as they are."""
     bundle = load_bundle(path)
     kept = [
         e
         for e in read_evaluation(bundle.path, bundle.config)
         if any(e.get(k) != entry.get(k) for k in EVALUATION_KEY)
+        or ("measured_on" in e) != ("measured_on" in entry)
     ]
     with atomic_path(bundle.path / EVALUATION_FILE) as tmp:
         tmp.write_text(json.dumps([*kept, dict(entry)], indent=2, allow_nan=False) + "\n")

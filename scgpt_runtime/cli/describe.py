@@ -74,9 +74,11 @@ def info(bundle: str | None, as_json: bool) -> None:
     for e in report["evaluation"]:
         where = f" where {' '.join(e['where'])}" if e["where"] else ""
         ece = f", ECE {e['ece']} (uncalibrated {e['ece_uncalibrated']})" if "ece" in e else ""
+        sibling = e.get("measured_on")
+        build = f", held-out build {sibling['bundle_sha256'][:12]}" if sibling else ""
         click.echo(
             f"evaluated:      macro-F1 {e['macro_f1']}, accuracy {e['accuracy']}{ece} on "
-            f"{e['n_cells']} cells of {', '.join(e['data'])}{where} ({e['precision']})"
+            f"{e['n_cells']} cells of {', '.join(e['data'])}{where} ({e['precision']}{build})"
         )
 
 

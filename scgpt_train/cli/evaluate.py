@@ -26,6 +26,8 @@ Examples:
       --batch-key condition --json
   scgpt-train evaluate --bundle bundles/pbmc --data kang.h5ad --label-key cell_type \\
       --where condition=stimulated --record
+  scgpt-train evaluate --bundle bundles/pbmc-control --data kang.h5ad --label-key cell_type \\
+      --where condition=stimulated --record-into bundles/pbmc-all
   scgpt-train evaluate --from runs/kang-annot --data kang.h5ad --label-key cell_type \\
       --where condition=stimulated --report kang_eval.html"""
 )
@@ -51,6 +53,13 @@ Examples:
     is_flag=True,
     help="With --bundle: store the metrics in the bundle's evaluation.json (its model card "
     "data; config.json and the bundle's identity stay as they are).",
+)
+@click.option(
+    "--record-into",
+    type=click.Path(exists=True, file_okay=False),
+    help="With --bundle: store the metrics in this other bundle's evaluation.json instead, "
+    "as the held-out figures of a model trained on these cells too (--bundle is its sibling "
+    "build that kept them out; the record names it).",
 )
 @click.option("--data", multiple=True, required=True, help="Labelled cells; repeatable.")
 @click.option("--label-key", required=True, help="obs column with the true labels.")

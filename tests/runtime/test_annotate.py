@@ -5,6 +5,7 @@ anndata, interrupted in-place writes, and the bad-input corpus (exit codes, one-
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import json
 import os
@@ -542,6 +543,42 @@ def test_evaluate_bundle_records_what_annotate_predicts(served_bundle, kang_smal
     )
     assert misuse.exit_code == 2
     assert "--record stores metrics in a bundle" in misuse.stderr
+
+
+def test_a_held_out_build_records_into_its_sibling(served_bundle, kang_small, tmp_path):
+    """--record-into writes the held-out build's figures into the other bundle only, naming
+    the build they were measured on; a sibling with another head is refused."""
+    pytest.importorskip("torch")
+    from scgpt_runtime.bundle import load_bundle
+    from scgpt_runtime.errors import InputError
+    from scgpt_train.cli import cli as train_cli
+    from scgpt_train.evaluate import _held_out_build
+
+    held_out, shipped = tmp_path / "held-out", tmp_path / "shipped"
+    shutil.copytree(served_bundle, held_out)
+    shutil.copytree(served_bundle, shipped)
+    args = ["evaluate", "--bundle", str(held_out), "--data", str(kang_small)]
+    args += ["--label-key", "cell_type", "--json", "--record-into", str(shipped)]
+    result = CliRunner().invoke(train_cli, args)
+    assert result.exit_code == 0, result.output
+    assert not (held_out / "evaluation.json").exists()
+    (entry,) = json.loads((shipped / "evaluation.json").read_text())
+    measured = load_bundle(held_out)
+    assert entry["measured_on"] == {
+        "bundle_sha256": measured.sha256,
+        "training_command": measured.config["provenance"]["training"]["command"],
+    }
+    assert entry["macro_f1"] == json.loads(result.stdout)["classifier"]["macro_f1"]
+    assert "held-out build " + measured.sha256[:12] in ok("info", shipped).stdout
+    CliRunner().invoke(train_cli, [*args[:-2], "--record"])  # the bundle's own record
+    records = json.loads((held_out / "evaluation.json").read_text())
+    assert ["measured_on" in e for e in records] == [False]  # kept apart from the sibling's
+    other = dataclasses.replace(measured, labels=["B", "T"])
+    with pytest.raises(InputError, match="differ from"):
+        _held_out_build(other, str(shipped))
+    both = CliRunner().invoke(train_cli, [*args, "--record"])
+    assert both.exit_code == 2
+    assert "either --record or --record-into" in both.stderr
 
 
 def test_inspect_with_model_reports_the_gene_match(served_bundle, liao_small, tmp_path):
