@@ -37,7 +37,7 @@ import anndata as ad
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from evaluate import _split_file, annotation_baselines, hvg_pca
+from evaluate import annotation_baselines, hvg_pca, split_file
 from recipe import run, stat
 
 from scgpt_runtime.knn import l2_normalize
@@ -84,7 +84,7 @@ def tasks(out: Path) -> dict[str, Task]:
     tm = out / "data" / "tabula_muris"
     if not (tm.parent / "tabula_muris_test.h5ad").exists():
         tm.parent.mkdir(parents=True, exist_ok=True)
-        _split_file(DATA / "labelled" / "tabula_muris_actinn_1000.h5ad", tm, "cell_type")
+        split_file(DATA / "labelled" / "tabula_muris_actinn_1000.h5ad", tm, "cell_type")
     return {
         "kang": Task(
             "",

@@ -90,7 +90,7 @@ def _write(path: Path, x: Any, obs: dict[str, Any], genes: list[str], names: lis
     adata.write_h5ad(path)
 
 
-def _split_file(src: Path, out: Path, label: str, keep: np.ndarray | None = None) -> None:
+def split_file(src: Path, out: Path, label: str, keep: np.ndarray | None = None) -> None:
     """src (rows `keep`) as OUT.h5ad plus a stratified 70/30 split OUT_train / OUT_test."""
     adata = ad.read_h5ad(src)
     if keep is not None:
@@ -126,10 +126,10 @@ def prepare(work: Path) -> dict[str, Path]:
             [f"g{i}" for i in range(x.shape[1])],
             [f"cell{i}" for i in range(len(y))],
         )
-        _split_file(raw, data / "cbmc", "label")
+        split_file(raw, data / "cbmc", "label")
         raw.unlink()
     if not files["tabula_muris"].exists():
-        _split_file(LABELLED / "tabula_muris_actinn_1000.h5ad", data / "tabula_muris", "cell_type")
+        split_file(LABELLED / "tabula_muris_actinn_1000.h5ad", data / "tabula_muris", "cell_type")
     if not files["baron"].exists():
         baron = ad.read_h5ad(LABELLED / "baron_pancreas_human_mouse_350.h5ad")
         keep = ~baron.obs["is_duplicate"].to_numpy(bool)
