@@ -7,7 +7,7 @@ BUNDLE/
   genes.safetensors            gene embeddings, one row per vocabulary id (optional: bundles
                                exported before them lack it)
   {kind}-{precision}.onnx      one graph per kind and precision, serving every length
-  evaluation.json              held-out metrics recorded after export (optional)
+  evaluation.json              metrics recorded after export (optional)
 
 This package is the only code that knows the layout: format.py (names, parts, encodings),
 read.py (versions 1 and 2), write.py (version 2).

@@ -31,7 +31,7 @@ VOCAB_FILE = "vocab.safetensors"
 GENES_FILE = "genes.safetensors"  # the gene embeddings; optional, older bundles lack it
 GENE_EMBEDDINGS = "gene_embeddings"  # its tensor: (n_tokens, d_model) float32, row i = id i
 GENE_EMBEDDING_DESCRIPTION = "gene encoder output (LayerNorm of the embedding row)"
-EVALUATION_FILE = "evaluation.json"  # held-out metrics recorded after export (not checksummed)
+EVALUATION_FILE = "evaluation.json"  # metrics recorded after export (not checksummed)
 PRECISIONS = ("fp32", "fp16", "int8")
 EMBED = "embed"  # the graph kind of cell embeddings and the cell-type head
 CELL_EMB, CELL_EMB_NORMALIZED, CLASS_PROBS = "cell_emb", "cell_emb_normalized", "class_probs"

@@ -1,7 +1,7 @@
 """Writing a bundle (format version 2, docs/bundle-format.md), and recording evaluations.
 
 A bundle is built in a temporary directory beside its target and renamed into place, so a
-reader never sees half of one. config.json is written once: held-out metrics recorded later go
+reader never sees half of one. config.json is written once: metrics recorded later go
 to evaluation.json, so the bundle's identity (the sha256 of config.json) never changes.
 """
 
@@ -188,9 +188,9 @@ def _write_files(
 
 
 def record_evaluation(path: str | Path, entry: Mapping[str, Any]) -> None:
-    """Add `entry` (held-out metrics measured on this bundle, or on its held-out build where
-    the entry has `measured_on`) to its evaluation.json, replacing an entry of the same kind on
-    the same data, filters, labels and precision. Only that file is written (atomically):
+    """Add `entry` (metrics measured on this bundle, or on its held-out build where the entry
+    has `measured_on`) to its evaluation.json, replacing an entry of the same kind on the same
+    data, filters, labels and precision. Only that file is written (atomically):
     config.json, the graphs and the bundle's identity stay as they are."""
     bundle = load_bundle(path)
     kept = [

@@ -25,7 +25,7 @@ Examples:
 def info(bundle: str | None, as_json: bool) -> None:
     """Describe the model bundle BUNDLE (default: the default model): size, vocabulary, labels,
     graphs and their errors against PyTorch measured at export, validation, provenance and
-    held-out metrics. Checks every checksum."""
+    recorded metrics. Checks every checksum."""
     report = bundle_info(bundle_or_default(bundle))
     if as_json:
         click.echo(json.dumps(report))
