@@ -78,6 +78,8 @@ def main() -> None:
     ap.add_argument("--label-key", default="cell_type")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
+    if not args.bundle:
+        ap.error("give at least one --bundle NAME=DIR (its genes are the baselines' too)")
     gated = gated_labels(args.sample)
     names, counts = np.unique(gated, return_counts=True)
     out: dict = {"gated": dict(zip(names.tolist(), counts.tolist(), strict=True)), "rows": {}}
