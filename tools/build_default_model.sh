@@ -13,7 +13,7 @@
 # validation score on control cells was the same (0.72-0.77). Export on its defaults: a ladder
 # of lengths from the run's cells, fp32 and fp16, int8 where it passes validation.
 # Usage: tools/build_default_model.sh [--install] [WORK_DIR]   (default WORK_DIR: build/default-model)
-# Needs the training extra: pip install torch==2.13.0 ".[train]". About 6 minutes on 2 CPU cores.
+# Needs the training extra: pip install torch==2.13.0 ".[train]". About 4 minutes on 2 CPU cores.
 # Reproducible: fixed seed, 2 compute threads whatever the machine, relative paths, and
 # SOURCE_DATE_EPOCH (default: the last commit's time) for the dates in the records.
 set -euo pipefail

@@ -41,9 +41,7 @@ def gated_labels(sample: Path) -> np.ndarray:
     clr = logs - logs.mean(1, keepdims=True)
     z = (clr - clr.mean(0)) / clr.std(0)
     col = {n.split("_")[0]: i for i, n in enumerate(names)}
-    lineage = np.array(list(LINEAGES.values()))[z[:, [col[m] for m in LINEAGES]].argmax(1)].astype(
-        object
-    )
+    lineage = np.array(list(LINEAGES.values()))[z[:, [col[m] for m in LINEAGES]].argmax(1)]
     t_type = np.where(z[:, col["CD4"]] >= z[:, col["CD8a"]], "CD4T", "CD8T")
     mono = np.where(z[:, col["CD14"]] >= z[:, col["CD16"]], "CD14+Mono", "FCGR3A+Mono")
     fine = np.where(lineage == "T", t_type, np.where(lineage == "Mono", mono, lineage))
